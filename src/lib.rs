@@ -1,0 +1,2 @@
+//! replica-router: data-parallel LLM inference routing as tower layers.
+#![deny(missing_docs)]
