@@ -534,46 +534,44 @@ impl SseBody {
             );
         }
         self.started = true;
-        loop {
-            match self.resp.poll_event(cx) {
-                Poll::Pending => {
-                    return if out.is_empty() {
-                        Poll::Pending
-                    } else {
-                        Poll::Ready(Some(out.into()))
-                    };
+        match self.resp.poll_event(cx) {
+            Poll::Pending => {
+                if out.is_empty() {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Some(out.into()))
                 }
-                Poll::Ready(Some(MockEvent::Token { text, .. })) => {
-                    let delta = match self.meta.kind {
-                        Kind::Chat => json!({"content": text}),
-                        Kind::Text => json!(text),
-                    };
-                    sse(&mut out, &self.meta.chunk(delta, None));
-                    // One event per frame, so a client sees tokens as they are generated.
-                    return Poll::Ready(Some(out.into()));
+            }
+            Poll::Ready(Some(MockEvent::Token { text, .. })) => {
+                let delta = match self.meta.kind {
+                    Kind::Chat => json!({"content": text}),
+                    Kind::Text => json!(text),
+                };
+                sse(&mut out, &self.meta.chunk(delta, None));
+                // One event per frame, so a client sees tokens as they are generated.
+                Poll::Ready(Some(out.into()))
+            }
+            Poll::Ready(Some(MockEvent::Done(u))) => {
+                sse(
+                    &mut out,
+                    &self
+                        .meta
+                        .chunk(self.meta.empty_delta(), Some(u.finish_reason.as_str())),
+                );
+                if self.include_usage {
+                    let mut v = self.meta.chunk(self.meta.empty_delta(), None);
+                    v["choices"] = json!([]);
+                    v["usage"] = usage_json(&u);
+                    sse(&mut out, &v);
                 }
-                Poll::Ready(Some(MockEvent::Done(u))) => {
-                    sse(
-                        &mut out,
-                        &self
-                            .meta
-                            .chunk(self.meta.empty_delta(), Some(u.finish_reason.as_str())),
-                    );
-                    if self.include_usage {
-                        let mut v = self.meta.chunk(self.meta.empty_delta(), None);
-                        v["choices"] = json!([]);
-                        v["usage"] = usage_json(&u);
-                        sse(&mut out, &v);
-                    }
-                    out.extend_from_slice(b"data: [DONE]\n\n");
-                    self.finished = true;
-                    return Poll::Ready(Some(out.into()));
-                }
-                Poll::Ready(None) => {
-                    out.extend_from_slice(b"data: [DONE]\n\n");
-                    self.finished = true;
-                    return Poll::Ready(Some(out.into()));
-                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                self.finished = true;
+                Poll::Ready(Some(out.into()))
+            }
+            Poll::Ready(None) => {
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                self.finished = true;
+                Poll::Ready(Some(out.into()))
             }
         }
     }
