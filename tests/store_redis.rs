@@ -16,12 +16,9 @@ use replica_router::store::{
 };
 
 async fn client(server: &support::RedisServer, timeout: Duration) -> RedisStore {
-    RedisStore::connect_with(
-        &server.url(),
-        RedisStoreConfig::default().timeout(timeout),
-    )
-    .await
-    .expect("connect to the test redis")
+    RedisStore::connect_with(&server.url(), RedisStoreConfig::default().timeout(timeout))
+        .await
+        .expect("connect to the test redis")
 }
 
 /// Two independently built clients (two gateways), many concurrent tasks: admitted takes per
@@ -195,7 +192,10 @@ async fn concurrency_limit_holds_across_clients_and_leases_expire() {
     }
     assert!(!b.acquire(&key, limit, ttl).await.unwrap().admitted());
     // Renewing one keeps it alive past the others' expiry.
-    assert!(a.renew(&key, leases[0], Duration::from_secs(5)).await.unwrap());
+    assert!(a
+        .renew(&key, leases[0], Duration::from_secs(5))
+        .await
+        .unwrap());
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(b.in_use(&key).await.unwrap(), 1);
     assert!(!a.release(&key, leases[1]).await.unwrap(), "expired lease");
@@ -368,7 +368,10 @@ fn arbitrary_tenant_pairs_never_share_counters_live() {
     let quota = RateQuota::new(u32::MAX as u64, MAX_WINDOW).unwrap();
     let tenant = prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..80),
-        proptest::collection::vec(prop_oneof![Just(b'{'), Just(b'}'), Just(b':'), Just(0u8), Just(b'\n')], 0..8),
+        proptest::collection::vec(
+            prop_oneof![Just(b'{'), Just(b'}'), Just(b':'), Just(0u8), Just(b'\n')],
+            0..8
+        ),
     ];
     let mut runner = TestRunner::new(Config {
         cases: 96,

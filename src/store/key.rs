@@ -74,9 +74,7 @@ impl StoreKey {
             push_hex(&mut s, &Sha256::digest(subject));
         }
         s.push('}');
-        Ok(StoreKey {
-            encoded: s.into(),
-        })
+        Ok(StoreKey { encoded: s.into() })
     }
 
     /// The encoded key (without a store prefix). Only `[A-Za-z0-9_.-:{}]` characters.
@@ -116,7 +114,9 @@ pub fn validate_ident(s: &str) -> Result<(), StoreError> {
         return Err(StoreError::InvalidKey("scope or prefix is empty"));
     }
     if s.len() > MAX_SCOPE_LEN {
-        return Err(StoreError::InvalidKey("scope or prefix longer than 64 bytes"));
+        return Err(StoreError::InvalidKey(
+            "scope or prefix longer than 64 bytes",
+        ));
     }
     if !s
         .bytes()

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::ready;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,12 +55,24 @@ struct Inner {
     epoch: Instant,
     shards: Vec<Mutex<Shard>>,
     next_lease: AtomicU64,
+    ops: AtomicUsize,
 }
 
 #[derive(Default)]
 struct Shard {
     map: HashMap<StoreKey, Entry>,
+    /// Calls on this shard since its last sweep.
     ops: usize,
+    /// Value of the store-wide call counter at this shard's last sweep.
+    swept_at: usize,
+}
+
+impl Shard {
+    fn sweep(&mut self, now: u64, global_ops: usize) {
+        self.map.retain(|_, e| !e.expired(now));
+        self.ops = 0;
+        self.swept_at = global_ops;
+    }
 }
 
 enum Entry {
@@ -102,6 +114,7 @@ impl MemoryStore {
                 epoch: Instant::now(),
                 shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
                 next_lease: AtomicU64::new(1),
+                ops: AtomicUsize::new(0),
             }),
         }
     }
@@ -126,24 +139,42 @@ impl MemoryStore {
     /// Drops every expired key now.
     pub fn sweep(&self) {
         let now = self.now_ms();
+        let g = self.inner.ops.load(Ordering::Relaxed);
         for shard in &self.inner.shards {
-            let mut shard = shard.lock();
-            shard.map.retain(|_, e| !e.expired(now));
-            shard.ops = 0;
+            shard.lock().sweep(now, g);
         }
     }
 
-    fn with_shard<T>(&self, key: &StoreKey, f: impl FnOnce(&mut HashMap<StoreKey, Entry>, u64) -> T) -> T {
+    fn with_shard<T>(
+        &self,
+        key: &StoreKey,
+        f: impl FnOnce(&mut HashMap<StoreKey, Entry>, u64) -> T,
+    ) -> T {
         use std::hash::{Hash, Hasher};
         let mut fh = FnvHasher::default();
         key.hash(&mut fh);
         let idx = (fh.finish() as usize) % SHARDS;
         let now = self.now_ms();
+        let g = self.inner.ops.fetch_add(1, Ordering::Relaxed);
+        // Keys in shards that see no calls must expire too: every 16th call looks at one other
+        // shard (round robin) and sweeps it once the store has made SHARDS times as many calls
+        // as it holds keys since its last sweep. Each shard then costs at most 1/SHARDS of a
+        // key visit per call, so sweeping stays O(1) amortized.
+        if g % 16 == 0 {
+            let j = (g / 16) % SHARDS;
+            if j != idx {
+                if let Some(mut other) = self.inner.shards[j].try_lock() {
+                    let due = SWEEP_MIN_OPS.max(SHARDS * other.map.len());
+                    if g.wrapping_sub(other.swept_at) >= due {
+                        other.sweep(now, g);
+                    }
+                }
+            }
+        }
         let mut shard = self.inner.shards[idx].lock();
         shard.ops += 1;
         if shard.ops >= SWEEP_MIN_OPS.max(shard.map.len()) {
-            shard.ops = 0;
-            shard.map.retain(|_, e| !e.expired(now));
+            shard.sweep(now, g);
         }
         f(&mut shard.map, now)
     }
@@ -243,7 +274,12 @@ impl MemoryStore {
         })
     }
 
-    fn acquire_sync(&self, key: &StoreKey, limit: u64, ttl: Duration) -> Result<Acquire, StoreError> {
+    fn acquire_sync(
+        &self,
+        key: &StoreKey,
+        limit: u64,
+        ttl: Duration,
+    ) -> Result<Acquire, StoreError> {
         check_units(limit)?;
         let ttl = window_ms(ttl)?;
         let id = u128::from(self.inner.next_lease.fetch_add(1, Ordering::Relaxed));
@@ -289,7 +325,12 @@ impl MemoryStore {
         })
     }
 
-    fn renew_sync(&self, key: &StoreKey, lease: LeaseId, ttl: Duration) -> Result<bool, StoreError> {
+    fn renew_sync(
+        &self,
+        key: &StoreKey,
+        lease: LeaseId,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let ttl = window_ms(ttl)?;
         self.with_shard(key, |map, now| match map.get_mut(key) {
             None => Ok(false),
@@ -368,7 +409,12 @@ impl CounterStore for MemoryStore {
         Box::pin(ready(self.usage_sync(key, quota)))
     }
 
-    fn acquire<'a>(&'a self, key: &'a StoreKey, limit: u64, ttl: Duration) -> StoreFuture<'a, Acquire> {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        limit: u64,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Acquire> {
         Box::pin(ready(self.acquire_sync(key, limit, ttl)))
     }
 
@@ -376,7 +422,12 @@ impl CounterStore for MemoryStore {
         Box::pin(ready(self.release_sync(key, lease)))
     }
 
-    fn renew<'a>(&'a self, key: &'a StoreKey, lease: LeaseId, ttl: Duration) -> StoreFuture<'a, bool> {
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        lease: LeaseId,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(ready(self.renew_sync(key, lease, ttl)))
     }
 

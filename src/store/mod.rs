@@ -143,7 +143,9 @@ pub(crate) fn window_ms(d: Duration) -> Result<u64, StoreError> {
         return Err(StoreError::InvalidQuota("window or TTL shorter than 1 ms"));
     }
     if ms > MAX_WINDOW.as_millis() {
-        return Err(StoreError::InvalidQuota("window or TTL longer than 2^40 ms"));
+        return Err(StoreError::InvalidQuota(
+            "window or TTL longer than 2^40 ms",
+        ));
     }
     Ok(ms as u64)
 }
@@ -247,8 +249,7 @@ impl Acquire {
 /// The trait is dyn-compatible: use `Arc<dyn CounterStore>` to choose the store at run time.
 pub trait CounterStore: Send + Sync + 'static {
     /// Atomically takes `cost` units from `key`'s current window if `used + cost <= limit`.
-    fn take<'a>(&'a self, key: &'a StoreKey, quota: RateQuota, cost: u64)
-        -> StoreFuture<'a, Take>;
+    fn take<'a>(&'a self, key: &'a StoreKey, quota: RateQuota, cost: u64) -> StoreFuture<'a, Take>;
 
     /// Adjusts a previous take counted in `window` by `delta` units (positive: more was used than
     /// reserved; negative: refund). Never denies. See the module docs for ended windows.
@@ -265,8 +266,12 @@ pub trait CounterStore: Send + Sync + 'static {
 
     /// Grants a lease on `key` if fewer than `limit` unexpired leases are held; the lease expires
     /// `ttl` after this call (store time) unless renewed or released first.
-    fn acquire<'a>(&'a self, key: &'a StoreKey, limit: u64, ttl: Duration)
-        -> StoreFuture<'a, Acquire>;
+    fn acquire<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        limit: u64,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Acquire>;
 
     /// Releases `lease`. Returns whether it was still held (false if it had expired or was
     /// already released). Idempotent.
@@ -274,8 +279,12 @@ pub trait CounterStore: Send + Sync + 'static {
 
     /// Extends `lease` to expire `ttl` from now. Returns false (and does nothing) if the lease is
     /// no longer held.
-    fn renew<'a>(&'a self, key: &'a StoreKey, lease: LeaseId, ttl: Duration)
-        -> StoreFuture<'a, bool>;
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        lease: LeaseId,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool>;
 
     /// Number of unexpired leases held on `key`.
     fn in_use<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, u64>;

@@ -395,7 +395,11 @@ impl CounterStore for RedisStore {
                 admitted,
                 used,
                 remaining: quota.limit().saturating_sub(used),
-                retry_after: if admitted { Duration::ZERO } else { reset_after },
+                retry_after: if admitted {
+                    Duration::ZERO
+                } else {
+                    reset_after
+                },
                 window: WindowId(to_u64(start, "window")?),
                 reset_after,
             })
@@ -416,8 +420,9 @@ impl CounterStore for RedisStore {
                 window.0.to_string(),
                 delta.to_string(),
             ];
-            let (target, used, start): (i64, i64, i64) =
-                self.eval("settle", &self.scripts.settle, key, &args).await?;
+            let (target, used, start): (i64, i64, i64) = self
+                .eval("settle", &self.scripts.settle, key, &args)
+                .await?;
             let target = match target {
                 0 => SettleTarget::SameWindow,
                 1 => SettleTarget::CarriedForward,
@@ -445,15 +450,25 @@ impl CounterStore for RedisStore {
         })
     }
 
-    fn acquire<'a>(&'a self, key: &'a StoreKey, limit: u64, ttl: Duration) -> StoreFuture<'a, Acquire> {
+    fn acquire<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        limit: u64,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Acquire> {
         Box::pin(async move {
             check_units(limit)?;
             let ttl = window_ms(ttl)?;
             let n = self.next_lease.fetch_add(1, Ordering::Relaxed);
             let lease = LeaseId((u128::from(self.lease_prefix) << 64) | u128::from(n));
-            let args = [limit.to_string(), ttl.to_string(), Self::lease_member(lease)];
-            let (admitted, in_use): (i64, i64) =
-                self.eval("acquire", &self.scripts.acquire, key, &args).await?;
+            let args = [
+                limit.to_string(),
+                ttl.to_string(),
+                Self::lease_member(lease),
+            ];
+            let (admitted, in_use): (i64, i64) = self
+                .eval("acquire", &self.scripts.acquire, key, &args)
+                .await?;
             Ok(Acquire {
                 lease: (admitted == 1).then_some(lease),
                 in_use: to_u64(in_use, "in_use")?,
@@ -464,12 +479,19 @@ impl CounterStore for RedisStore {
     fn release<'a>(&'a self, key: &'a StoreKey, lease: LeaseId) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let args = [Self::lease_member(lease)];
-            let held: i64 = self.eval("release", &self.scripts.release, key, &args).await?;
+            let held: i64 = self
+                .eval("release", &self.scripts.release, key, &args)
+                .await?;
             Ok(held == 1)
         })
     }
 
-    fn renew<'a>(&'a self, key: &'a StoreKey, lease: LeaseId, ttl: Duration) -> StoreFuture<'a, bool> {
+    fn renew<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        lease: LeaseId,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let ttl = window_ms(ttl)?;
             let args = [Self::lease_member(lease), ttl.to_string()];

@@ -36,10 +36,9 @@ fn free_port() -> u16 {
 }
 
 fn pings(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_millis(200),
-    ) else {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
@@ -163,7 +162,10 @@ impl RedisServer {
     pub fn dbsize(&self) -> u64 {
         let r = self.raw(&[b"DBSIZE"]);
         let s = String::from_utf8_lossy(&r);
-        s.trim_start_matches(':').trim().parse().expect("DBSIZE reply")
+        s.trim_start_matches(':')
+            .trim()
+            .parse()
+            .expect("DBSIZE reply")
     }
 }
 
