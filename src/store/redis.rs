@@ -311,6 +311,21 @@ impl RedisStore {
         .map(|_| ())
     }
 
+    /// The SHA-1 of each operation's Lua script, as `(operation, sha)`: what `EVALSHA` sends.
+    /// Useful to preload the scripts (`SCRIPT LOAD`) or to benchmark them with `redis-benchmark`.
+    pub fn script_hashes(&self) -> [(&'static str, &str); 7] {
+        let s = &self.scripts;
+        [
+            ("take", s.take.get_hash()),
+            ("settle", s.settle.get_hash()),
+            ("usage", s.usage.get_hash()),
+            ("acquire", s.acquire.get_hash()),
+            ("release", s.release.get_hash()),
+            ("renew", s.renew.get_hash()),
+            ("in_use", s.in_use.get_hash()),
+        ]
+    }
+
     /// A clone of the underlying connection manager (for other Redis-backed components that
     /// should share this store's connection).
     pub fn connection(&self) -> ConnectionManager {
