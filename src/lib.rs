@@ -62,6 +62,7 @@ pub mod future;
 pub mod http_backend;
 pub mod inflight;
 pub mod pool;
+pub mod quota;
 pub mod replica;
 pub mod request;
 pub mod rng;

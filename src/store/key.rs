@@ -77,6 +77,18 @@ impl StoreKey {
         Ok(StoreKey { encoded: s.into() })
     }
 
+    /// The key of the same subject in another scope, without encoding (or hashing) the subject
+    /// again.
+    pub fn rescope(&self, scope: &str) -> Result<Self, StoreError> {
+        validate_ident(scope)?;
+        let tag = self.hash_tag();
+        let mut s = String::with_capacity(scope.len() + 1 + tag.len());
+        s.push_str(scope);
+        s.push(':');
+        s.push_str(tag);
+        Ok(StoreKey { encoded: s.into() })
+    }
+
     /// The encoded key (without a store prefix). Only `[A-Za-z0-9_.-:{}]` characters.
     pub fn encoded(&self) -> &str {
         &self.encoded
@@ -158,6 +170,14 @@ mod tests {
                 StoreKey::new(scope, b"t"),
                 Err(StoreError::InvalidKey(_))
             ));
+        }
+    }
+
+    #[test]
+    fn rescope_matches_new() {
+        for subject in [&b"t"[..], &[9u8; 100][..]] {
+            let a = StoreKey::new("a", subject).unwrap();
+            assert_eq!(a.rescope("b.c").unwrap(), StoreKey::new("b.c", subject).unwrap());
         }
     }
 

@@ -79,6 +79,8 @@ mod error;
 mod key;
 mod memory;
 #[cfg(feature = "redis")]
+mod pins;
+#[cfg(feature = "redis")]
 mod redis;
 
 use std::future::Future;
@@ -89,6 +91,8 @@ use std::time::Duration;
 pub use self::error::{BoxError, StoreError};
 pub use self::key::{validate_ident, StoreKey, MAX_RAW_SUBJECT, MAX_SCOPE_LEN};
 pub use self::memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use self::pins::{RedisPinTable, PIN_SCOPE};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreConfig};
 
