@@ -107,4 +107,5 @@ pub use self::config::{
 pub use self::future::QuotaFuture;
 pub use self::layer::QuotaLayer;
 pub use self::service::Quota;
+#[cfg(feature = "redis")]
 pub(crate) use self::shared::call_store;
