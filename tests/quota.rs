@@ -102,7 +102,9 @@ async fn requests_per_window_with_retry_after_and_429() {
     );
     tokio::time::advance(Duration::from_secs(4)).await;
     for _ in 0..3 {
-        let r = send(&mut svc, req(Some(b"acme"), 0, stream(1))).await.unwrap();
+        let r = send(&mut svc, req(Some(b"acme"), 0, stream(1)))
+            .await
+            .unwrap();
         drain(r).await;
     }
     let err = send(&mut svc, req(Some(b"acme"), 0, stream(1)))
@@ -120,9 +122,13 @@ async fn requests_per_window_with_retry_after_and_429() {
     assert_eq!(err.status_code(), 429);
     assert_eq!(err.retry_after_header().unwrap(), "6");
     // Another tenant is unaffected.
-    assert!(send(&mut svc, req(Some(b"other"), 0, stream(1))).await.is_ok());
+    assert!(send(&mut svc, req(Some(b"other"), 0, stream(1)))
+        .await
+        .is_ok());
     tokio::time::advance(retry_after).await;
-    assert!(send(&mut svc, req(Some(b"acme"), 0, stream(1))).await.is_ok());
+    assert!(send(&mut svc, req(Some(b"acme"), 0, stream(1)))
+        .await
+        .is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -227,8 +233,8 @@ async fn token_estimate_over_limit_is_clamped_and_exhaustion_rejects() {
 async fn reported_tokens_win() {
     let store = MemoryStore::new();
     let quota = RateQuota::new(10_000, MAX_WINDOW).unwrap();
-    let config = QuotaConfig::new(TenantLimits::unlimited().tokens(quota))
-        .token_meter(|_| Some(999_999));
+    let config =
+        QuotaConfig::new(TenantLimits::unlimited().tokens(quota)).token_meter(|_| Some(999_999));
     let inner = tower::service_fn(|r: http::Request<()>| async move {
         r.extensions()
             .get::<TokenReport>()
@@ -284,11 +290,11 @@ async fn concurrency_released_on_body_end_error_cancel_and_no_replica() {
     settle_tasks().await;
     assert_eq!(store.in_use(&key).await.unwrap(), 0);
     // The request future dropped before completion (cancelled by a timeout).
-    let fut = svc.ready().await.unwrap().call(req(
-        Some(b"t"),
-        0,
-        Script::Slow { delay_ms: 10_000 },
-    ));
+    let fut =
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req(Some(b"t"), 0, Script::Slow { delay_ms: 10_000 }));
     assert!(tokio::time::timeout(Duration::from_millis(10), fut)
         .await
         .is_err());
@@ -316,7 +322,9 @@ async fn tokens_refunded_when_no_replica_takes_the_request() {
         QuotaConfig::new(TenantLimits::unlimited().tokens(quota)),
         empty,
     );
-    assert!(send(&mut svc, req(Some(b"t"), 300, stream(1))).await.is_err());
+    assert!(send(&mut svc, req(Some(b"t"), 300, stream(1)))
+        .await
+        .is_err());
     settle_tasks().await;
     let key = StoreKey::new("quota.tok", b"t").unwrap();
     assert_eq!(store.usage(&key, quota).await.unwrap().used, 0);
@@ -327,17 +335,34 @@ async fn a_denied_dimension_undoes_the_others() {
     let store = MemoryStore::new();
     let rq = RateQuota::new(100, MAX_WINDOW).unwrap();
     let tq = RateQuota::new(10, MAX_WINDOW).unwrap();
-    let config = QuotaConfig::new(TenantLimits::unlimited().requests(rq).tokens(tq).concurrency(5));
+    let config = QuotaConfig::new(
+        TenantLimits::unlimited()
+            .requests(rq)
+            .tokens(tq)
+            .concurrency(5),
+    );
     let mut svc = stack(store.clone(), config);
-    let r = send(&mut svc, req(Some(b"t"), 10, stream(1))).await.unwrap();
+    let r = send(&mut svc, req(Some(b"t"), 10, stream(1)))
+        .await
+        .unwrap();
     // Tokens exhausted (10 of 10 reserved while the body is alive).
-    let err = send(&mut svc, req(Some(b"t"), 1, stream(1))).await.unwrap_err();
+    let err = send(&mut svc, req(Some(b"t"), 1, stream(1)))
+        .await
+        .unwrap_err();
     assert!(matches!(err, RouteError::QuotaExceeded { .. }));
     settle_tasks().await;
     let rk = StoreKey::new("quota.req", b"t").unwrap();
     let ck = StoreKey::new("quota.conc", b"t").unwrap();
-    assert_eq!(store.usage(&rk, rq).await.unwrap().used, 1, "the denied request was refunded");
-    assert_eq!(store.in_use(&ck).await.unwrap(), 1, "its lease was released");
+    assert_eq!(
+        store.usage(&rk, rq).await.unwrap().used,
+        1,
+        "the denied request was refunded"
+    );
+    assert_eq!(
+        store.in_use(&ck).await.unwrap(),
+        1,
+        "its lease was released"
+    );
     drain(r).await;
 }
 
@@ -358,14 +383,20 @@ async fn overrides_defaults_and_missing_tenant() {
     assert!(!admitted(&mut svc, Some(b"vip")).await);
     for _ in 0..10 {
         assert!(admitted(&mut svc, Some(b"free-for-all")).await);
-        assert!(admitted(&mut svc, None).await, "no tenant: skipped by default");
+        assert!(
+            admitted(&mut svc, None).await,
+            "no tenant: skipped by default"
+        );
     }
     let mut svc = stack(
         store.clone(),
         config.missing_tenant(MissingTenant::As(RouteKey::from("anonymous"))),
     );
     assert!(admitted(&mut svc, None).await);
-    assert!(!admitted(&mut svc, None).await, "all anonymous requests share one quota");
+    assert!(
+        !admitted(&mut svc, None).await,
+        "all anonymous requests share one quota"
+    );
 }
 
 /// A store that counts calls and can be switched to fail or hang.
@@ -435,10 +466,16 @@ async fn over_limit_tenants_cost_no_round_trip_until_their_window_ends() {
     assert!(send(&mut svc, req(Some(b"t"), 0, stream(1))).await.is_err());
     let calls = store.calls.load(Ordering::SeqCst);
     for _ in 0..100 {
-        let e = send(&mut svc, req(Some(b"t"), 0, stream(1))).await.unwrap_err();
+        let e = send(&mut svc, req(Some(b"t"), 0, stream(1)))
+            .await
+            .unwrap_err();
         assert!(e.retry_after().unwrap() <= Duration::from_secs(1));
     }
-    assert_eq!(store.calls.load(Ordering::SeqCst), calls, "no store call while cached");
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        calls,
+        "no store call while cached"
+    );
     tokio::time::advance(Duration::from_secs(1)).await;
     assert!(send(&mut svc, req(Some(b"t"), 0, stream(1))).await.is_ok());
     assert!(store.calls.load(Ordering::SeqCst) > calls);
@@ -499,10 +536,18 @@ async fn metrics_use_tenant_classes_not_ids() {
     let _guard = metrics::set_default_local_recorder(&recorder);
 
     let one = RateQuota::new(1, MAX_WINDOW).unwrap();
-    let config = QuotaConfig::new(TenantLimits::unlimited().requests(one))
-        .tenant_in_class("big-co", TenantLimits::unlimited().requests(one), "enterprise");
+    let config = QuotaConfig::new(TenantLimits::unlimited().requests(one)).tenant_in_class(
+        "big-co",
+        TenantLimits::unlimited().requests(one),
+        "enterprise",
+    );
     let mut svc = stack(MemoryStore::new(), config);
-    for t in [&b"secret-tenant-1"[..], b"secret-tenant-1", b"big-co", b"big-co"] {
+    for t in [
+        &b"secret-tenant-1"[..],
+        b"secret-tenant-1",
+        b"big-co",
+        b"big-co",
+    ] {
         let _ = send(&mut svc, req(Some(t), 0, stream(1))).await;
     }
     let snap = snapshot_to_vec(snapshotter.snapshot());
@@ -524,9 +569,18 @@ async fn metrics_use_tenant_classes_not_ids() {
             .sum()
     };
     let checks = "replica_router_quota_checks_total";
-    assert_eq!(count(checks, &[("class", "default"), ("result", "admitted")]), 1);
-    assert_eq!(count(checks, &[("class", "default"), ("result", "rejected")]), 1);
-    assert_eq!(count(checks, &[("class", "enterprise"), ("result", "admitted")]), 1);
+    assert_eq!(
+        count(checks, &[("class", "default"), ("result", "admitted")]),
+        1
+    );
+    assert_eq!(
+        count(checks, &[("class", "default"), ("result", "rejected")]),
+        1
+    );
+    assert_eq!(
+        count(checks, &[("class", "enterprise"), ("result", "admitted")]),
+        1
+    );
     assert_eq!(
         count(
             "replica_router_quota_rejections_total",
@@ -539,7 +593,10 @@ async fn metrics_use_tenant_classes_not_ids() {
         .any(|(k, _)| k.0 == "replica_router_store_call_seconds"));
 }
 
-type Flat = Vec<((String, Vec<(String, String)>), metrics_util::debugging::DebugValue)>;
+type Flat = Vec<(
+    (String, Vec<(String, String)>),
+    metrics_util::debugging::DebugValue,
+)>;
 
 fn snapshot_to_vec(s: metrics_util::debugging::Snapshot) -> Flat {
     s.into_vec()

@@ -128,7 +128,9 @@ where
                     }
                     return Poll::Ready(result.map_err(Into::into));
                 }
-                StateProj::Failed(e) => return Poll::Ready(Err(e.take().unwrap_or_else(completed))),
+                StateProj::Failed(e) => {
+                    return Poll::Ready(Err(e.take().unwrap_or_else(completed)))
+                }
             };
             self.as_mut().project().state.set(next);
         }

@@ -319,10 +319,14 @@ impl Shared {
         handle.spawn(async move {
             let store = &*self.store;
             if let (Some((w, n)), Some(k), Some(q)) = (held.requests, &keys.requests, rq) {
-                let _ = self.call("settle", store.settle(k, q, w, -(n as i64))).await;
+                let _ = self
+                    .call("settle", store.settle(k, q, w, -(n as i64)))
+                    .await;
             }
             if let (Some((w, n)), Some(k), Some(q)) = (held.tokens, &keys.tokens, tq) {
-                let _ = self.call("settle", store.settle(k, q, w, -(n as i64))).await;
+                let _ = self
+                    .call("settle", store.settle(k, q, w, -(n as i64)))
+                    .await;
             }
             if let (Some(l), Some(k)) = (held.lease, &keys.concurrency) {
                 let _ = self.call("release", store.release(k, l)).await;

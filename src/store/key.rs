@@ -177,7 +177,10 @@ mod tests {
     fn rescope_matches_new() {
         for subject in [&b"t"[..], &[9u8; 100][..]] {
             let a = StoreKey::new("a", subject).unwrap();
-            assert_eq!(a.rescope("b.c").unwrap(), StoreKey::new("b.c", subject).unwrap());
+            assert_eq!(
+                a.rescope("b.c").unwrap(),
+                StoreKey::new("b.c", subject).unwrap()
+            );
         }
     }
 
