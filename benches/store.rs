@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench store --features redis`
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{black_box, Criterion, Throughput};
 use futures_util::FutureExt;
@@ -102,7 +102,7 @@ fn bench_redis(c: &mut Criterion, server: &support::RedisServer) -> String {
             let store = store.clone();
             let keys = keys.clone();
             rt.block_on(async move {
-                let start = Instant::now();
+                let start = std::time::Instant::now();
                 for n in 0..iters {
                     let calls = (0..CONC).map(|k| {
                         let store = store.clone();

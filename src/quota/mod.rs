@@ -30,7 +30,7 @@
 //!
 //! Windows are the store's fixed windows aligned to store time: a quota of `N` per window admits
 //! at most `N` per window across the cluster (see [`crate::store`] for the exact statement and
-//! why fixed windows). Limits come from [`QuotaConfig::defaults`] unless the tenant has an
+//! why fixed windows). Limits are the defaults given to [`QuotaConfig::new`] unless the tenant has an
 //! override ([`QuotaConfig::tenant`]).
 //!
 //! A request over quota fails with [`RouteError::QuotaExceeded`](crate::error::RouteError) (429)
