@@ -62,9 +62,12 @@ pub mod future;
 pub mod http_backend;
 pub mod inflight;
 pub mod pool;
+pub mod quota;
 pub mod replica;
 pub mod request;
 pub mod rng;
+pub mod store;
+
 
 #[cfg(feature = "mock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
