@@ -174,7 +174,7 @@ impl Default for GatewayConfig {
 pub struct ConfigError(String);
 
 impl ConfigError {
-    fn new(msg: impl Into<String>) -> Self {
+    pub(crate) fn new(msg: impl Into<String>) -> Self {
         ConfigError(msg.into())
     }
 

@@ -12,6 +12,8 @@
 //!   buffered), and the request stays in flight on its replica until the body ends.
 //! - Every response from a replica carries `x-replica-affinity` (the decision's reason: `home`,
 //!   `spill`, `failover`, `least-loaded`, `round-robin`, `redirected`) and `x-replica-id`.
+//! - With `--tenant-rate` / `--tenant-tokens`, the [`quota`](crate::quota) layer holds each tenant
+//!   (`--tenant-header`) to its quota across every gateway sharing the `--counter-store`.
 //! - Routing errors map through [`RouteError`](crate::error::RouteError): 503 when no replica is
 //!   eligible, 429 with `Retry-After` when shed or over quota, 502 when the replica fails.
 //! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
@@ -130,27 +132,27 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         let pool = build_pool(&cfg)?;
         let listener = TcpListener::bind(cfg.listen).await?;
-        Ok(Self::serve(listener, &cfg, pool, render))
+        Self::serve(listener, &cfg, pool, render).await
     }
 
     /// Serves on an already bound listener, routing over `pool` (whose membership the caller may
     /// change at run time), on the current tokio runtime.
-    pub fn serve(
+    pub async fn serve(
         listener: TcpListener,
         cfg: &GatewayConfig,
         pool: Pool<Upstream>,
         render: Option<MetricsRender>,
-    ) -> Gateway {
-        let addr = listener.local_addr().unwrap_or(cfg.listen);
-        let shared = shared(cfg, &pool, render);
+    ) -> Result<Gateway, GatewayError> {
+        let addr = listener.local_addr()?;
+        let shared = shared(cfg, &pool, render).await?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, shared, stopped));
-        Gateway {
+        Ok(Gateway {
             addr,
             pool,
             stop: Some(stop),
             task: Some(task),
-        }
+        })
     }
 
     /// Binds `cfg.listen` and serves on `shards` threads, each running its own single-threaded
@@ -166,7 +168,7 @@ impl Gateway {
         let pool = build_pool(&cfg)?;
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
-        let shared = shared(&cfg, &pool, render);
+        let shared = shared(&cfg, &pool, render).await?;
         let mut senders = Vec::new();
         let mut done = Vec::new();
         for i in 0..shards.max(1) {
@@ -258,15 +260,6 @@ impl GatewayConfig {
         if self.slo_wait.is_some() {
             v.push("--slo-wait-ms");
         }
-        if self.tenant_rate.is_some() {
-            v.push("--tenant-rate");
-        }
-        if self.tenant_tokens.is_some() {
-            v.push("--tenant-tokens");
-        }
-        if self.counter_store != CounterStoreSpec::Memory {
-            v.push("--counter-store");
-        }
         if self.policy == Policy::Affinity {
             v.push("--policy affinity (routes least-loaded until the affinity layer lands)");
         }
@@ -274,11 +267,12 @@ impl GatewayConfig {
     }
 }
 
-fn shared(
+async fn shared(
     cfg: &GatewayConfig,
     pool: &Pool<Upstream>,
     render: Option<MetricsRender>,
-) -> Arc<Shared> {
+) -> Result<Arc<Shared>, GatewayError> {
+    let quota = service::quota_layer(cfg).await?;
     let replica_headers = pool
         .snapshot()
         .replicas()
@@ -290,15 +284,15 @@ fn shared(
             ))
         })
         .collect();
-    Arc::new(Shared {
-        stack: service::build_stack(cfg, pool),
+    Ok(Arc::new(Shared {
+        stack: service::build_stack(cfg, pool, quota),
         extractor: service::extractor(cfg),
         pool: pool.clone(),
         max_body: cfg.max_body_bytes,
         render,
         counters: Counters::new(),
         replica_headers,
-    })
+    }))
 }
 
 fn http_builder() -> hyper::server::conn::http1::Builder {

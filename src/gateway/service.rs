@@ -1,6 +1,8 @@
 //! The request path: validate cheaply, route through the crate's stack, forward the bytes.
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -11,6 +13,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
+use pin_project::pin_project;
 
 use crate::balance::{LeastInFlight, LoadMeasure, RoundRobin};
 use crate::context::{HeaderExtractor, RouteContextService};
@@ -23,9 +26,12 @@ use crate::replica::ReplicaId;
 use crate::rng::RngSeed;
 
 use super::body::GatewayBody;
-use super::config::{GatewayConfig, Policy};
+use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, Policy};
 use super::inspect::{inspect_body, ApiKind};
+use super::GatewayError;
 use super::MetricsRender;
+use crate::quota::{Quota, QuotaConfig, QuotaFuture, QuotaLayer, TenantLimits};
+use crate::store::{MemoryStore, RateQuota};
 
 pub use super::upstream::Upstream;
 /// The request type inside the stack.
@@ -65,10 +71,92 @@ impl tower::Service<UpstreamRequest> for Picker {
     }
 }
 
-/// The whole routing stack, outermost first: route context -> picker -> dispatch.
-pub(crate) type Stack = RouteContextService<Picker, HeaderExtractor>;
+/// The tenant-quota layer over the picker, when quotas are configured.
+#[derive(Debug, Clone)]
+pub(crate) enum Admit {
+    Quota(Quota<Picker>),
+    Open(Picker),
+}
 
-/// Builds the stack for `cfg` over `pool`.
+type PickerFuture = <Picker as tower::Service<UpstreamRequest>>::Future;
+
+/// The future of [`Admit`].
+#[pin_project(project = AdmitFutureProj)]
+pub(crate) enum AdmitFuture {
+    Quota(#[pin] QuotaFuture<Picker, UpstreamRequest>),
+    Open(#[pin] PickerFuture),
+}
+
+impl Future for AdmitFuture {
+    type Output = Result<UpstreamResponse, RouteError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AdmitFutureProj::Quota(f) => f.poll(cx),
+            AdmitFutureProj::Open(f) => f.poll(cx),
+        }
+    }
+}
+
+impl tower::Service<UpstreamRequest> for Admit {
+    type Response = UpstreamResponse;
+    type Error = RouteError;
+    type Future = AdmitFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RouteError>> {
+        match self {
+            Admit::Quota(s) => s.poll_ready(cx),
+            Admit::Open(s) => s.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: UpstreamRequest) -> AdmitFuture {
+        match self {
+            Admit::Quota(s) => AdmitFuture::Quota(s.call(req)),
+            Admit::Open(s) => AdmitFuture::Open(s.call(req)),
+        }
+    }
+}
+
+/// The whole routing stack, outermost first: route context -> tenant quota -> picker -> dispatch.
+pub(crate) type Stack = RouteContextService<Admit, HeaderExtractor>;
+
+/// The quota layer for `cfg`'s `--tenant-rate` / `--tenant-tokens`, on its counter store; `None`
+/// when no quota is set.
+pub(crate) async fn quota_layer(cfg: &GatewayConfig) -> Result<Option<QuotaLayer>, GatewayError> {
+    let mut limits = TenantLimits::unlimited();
+    if let Some(r) = cfg.tenant_rate {
+        limits =
+            limits.requests(RateQuota::new(r.n, r.per).map_err(|e| bad_flag("--tenant-rate", e))?);
+    }
+    if let Some(r) = cfg.tenant_tokens {
+        limits =
+            limits.tokens(RateQuota::new(r.n, r.per).map_err(|e| bad_flag("--tenant-tokens", e))?);
+    }
+    if limits.is_unlimited() {
+        return Ok(None);
+    }
+    let config = QuotaConfig::new(limits);
+    match &cfg.counter_store {
+        CounterStoreSpec::Memory => Ok(Some(QuotaLayer::new(MemoryStore::new(), config))),
+        #[cfg(feature = "redis")]
+        CounterStoreSpec::Redis(url) => {
+            let store =
+                crate::store::RedisStore::connect(url).await.map_err(|e| bad_flag("--counter-store", e))?;
+            Ok(Some(QuotaLayer::new(store, config)))
+        }
+        #[cfg(not(feature = "redis"))]
+        CounterStoreSpec::Redis(_) => Err(GatewayError::Config(ConfigError::new(
+            "--counter-store redis://...: this build has no Redis support (enable the `redis` feature)",
+        ))),
+    }
+}
+
+fn bad_flag(flag: &str, e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Config(ConfigError::new(format!("{flag}: {e}")))
+}
+
+/// The route-context extractor for `cfg`'s headers.
 pub(crate) fn extractor(cfg: &GatewayConfig) -> HeaderExtractor {
     HeaderExtractor::default()
         .session_header(Some(cfg.affinity_header.clone()))
@@ -79,7 +167,11 @@ pub(crate) fn extractor(cfg: &GatewayConfig) -> HeaderExtractor {
 
 /// Builds the stack for `cfg` over `pool`. Validated requests arrive with their route context
 /// already set (with the token estimate from the body); others get it from their headers here.
-pub(crate) fn build_stack(cfg: &GatewayConfig, pool: &Pool<Upstream>) -> Stack {
+pub(crate) fn build_stack(
+    cfg: &GatewayConfig,
+    pool: &Pool<Upstream>,
+    quota: Option<QuotaLayer>,
+) -> Stack {
     let extractor = extractor(cfg);
     let dispatch = Dispatch::new(pool.clone());
     let picker = match cfg.policy {
@@ -92,7 +184,11 @@ pub(crate) fn build_stack(cfg: &GatewayConfig, pool: &Pool<Upstream>) -> Stack {
         )),
         Policy::RoundRobin => Picker::Rotate(RoundRobin::new(dispatch, pool.clone())),
     };
-    tower::Layer::layer(&crate::context::RouteContextLayer::new(extractor), picker)
+    let admit = match quota {
+        Some(q) => Admit::Quota(tower::Layer::layer(&q, picker)),
+        None => Admit::Open(picker),
+    };
+    tower::Layer::layer(&crate::context::RouteContextLayer::new(extractor), admit)
 }
 
 /// Counters of the request path (handles resolved once, so recording is an atomic add).
@@ -153,7 +249,13 @@ impl ConnState {
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
     )
 }
 
@@ -288,9 +390,11 @@ async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, ReadError> {
         let Ok(data) = frame.map_err(|_| ReadError::Io)?.into_data() else {
             continue;
         };
-        let len = first.as_ref().map_or(0, Bytes::len)
-            + rest.as_ref().map_or(0, |r| r.len())
-            + data.len();
+        let len = match (&first, &rest) {
+            (_, Some(r)) => r.len() + data.len(),
+            (Some(f), None) => f.len() + data.len(),
+            (None, None) => data.len(),
+        };
         if len > max {
             return Err(ReadError::TooLarge);
         }
