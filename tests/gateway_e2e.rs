@@ -588,3 +588,30 @@ async fn sharded_gateway_serves_and_balances() {
     assert_eq!(seen.len(), 2);
     gw.shutdown().await;
 }
+
+/// The official `openai` Python package as a real client (tests/python/test_openai_client.py, in a
+/// venv that tests/python/run.sh creates). Skipped outside CI when no venv can be made; required
+/// when `CI` is set.
+#[tokio::test]
+async fn openai_python_client() {
+    let reps = replicas(2, 1000.0).await;
+    let gw = gateway(&reps, &["--policy", "least-loaded"]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/run.sh");
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .arg(format!("http://{}/v1", gw.local_addr()))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => assert!(stdout.contains("all checks passed"), "{stdout}\n{stderr}"),
+        Some(77) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping: no Python venv with `openai` could be made here\n{stderr}");
+        }
+        other => panic!("python openai client test failed ({other:?}):\n{stdout}\n{stderr}"),
+    }
+    gw.shutdown().await;
+}
