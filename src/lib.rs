@@ -68,7 +68,6 @@ pub mod request;
 pub mod rng;
 pub mod store;
 
-
 #[cfg(feature = "mock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub mod mock;

@@ -457,10 +457,17 @@ fn health(shared: &Shared) -> Response<GatewayBody> {
     }
 }
 
+/// A per-replica gauge: name, help text, and how to read it from the replica's state.
+type Series = (
+    &'static str,
+    &'static str,
+    fn(&crate::pool::ReplicaState) -> f64,
+);
+
 fn metrics(shared: &Shared) -> Response<GatewayBody> {
     let mut out = shared.render.as_ref().map(|r| r()).unwrap_or_default();
     let snap = shared.pool.load();
-    let series: [(&str, &str, fn(&crate::pool::ReplicaState) -> f64); 4] = [
+    let series: [Series; 4] = [
         (
             "gateway_replica_in_flight",
             "Requests in flight on the replica (until their body ends).",
