@@ -75,8 +75,13 @@ pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
     if kind == ApiKind::Chat && !text.top_level_array {
         return Err("`messages` must be an array".into());
     }
+    let per_message = if kind == ApiKind::Chat {
+        TOKENS_PER_MESSAGE
+    } else {
+        0
+    };
     let prompt_tokens =
-        text.bytes / BYTES_PER_TOKEN + text.numbers + text.top_level_items * TOKENS_PER_MESSAGE;
+        text.bytes / BYTES_PER_TOKEN + text.numbers + text.top_level_items * per_message;
     Ok(BodyInfo {
         prompt_tokens,
         max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
