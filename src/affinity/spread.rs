@@ -138,7 +138,9 @@ impl SpreadGuard<'_> {
             return true;
         };
         let cap = (self.spread.share * (total + 1.0)).ceil().max(1.0);
-        self.decayed(*c) + 1.0 <= cap + 1e-9
+        // Decayed counts are fractional: compare to the nearest whole session, so the residue
+        // of long-gone sessions never blocks a tenant's home.
+        self.decayed(*c) + 1.0 < cap + 0.5
     }
 
     /// Counts one session of the tenant in `bucket` on `replica`.
@@ -153,5 +155,71 @@ impl SpreadGuard<'_> {
             let now = self.now;
             self.table.cells[i] = Cell { value, at: now };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pool::Pool;
+    use crate::replica::ReplicaSpec;
+
+    #[test]
+    fn cap_follows_share_and_decays() {
+        let pool = Pool::builder()
+            .replica("a", ReplicaSpec::new("m"), ())
+            .replica("b", ReplicaSpec::new("m"), ())
+            .build()
+            .unwrap();
+        let snap = pool.snapshot();
+        let spread = TenantSpread::new(0.5, 16, 60.0);
+        let b = spread.bucket(b"acme");
+        let t0 = Instant::now();
+        let mut g = spread.lock(&snap, t0);
+        // First session: allowed anywhere.
+        assert!(g.allows(b, g.total(b), 0));
+        g.record(b, 0);
+        // Second: a already has 1 of 1; cap = ceil(0.5 x 2) = 1.
+        assert!(!g.allows(b, g.total(b), 0));
+        assert!(g.allows(b, g.total(b), 1));
+        g.record(b, 1);
+        // Third: cap = ceil(0.5 x 3) = 2: either replica.
+        assert!(g.allows(b, g.total(b), 0));
+        g.record(b, 0);
+        g.record(b, 0);
+        assert!(!g.allows(b, g.total(b), 0));
+        drop(g);
+        // Ten time constants later the counts have decayed: home is open again.
+        let g = spread.lock(&snap, t0 + Duration::from_secs(600));
+        assert!(g.total(b) < 0.01);
+        assert!(g.allows(b, g.total(b), 0));
+        // Other buckets were never touched.
+        let other = (b + 1) % 16;
+        assert_eq!(g.total(other), 0.0);
+    }
+
+    #[test]
+    fn membership_change_keeps_counts_by_id() {
+        let pool = Pool::builder()
+            .replica("a", ReplicaSpec::new("m"), ())
+            .replica("b", ReplicaSpec::new("m"), ())
+            .build()
+            .unwrap();
+        let spread = TenantSpread::new(0.5, 4, 60.0);
+        let t0 = Instant::now();
+        let mut g = spread.lock(&pool.snapshot(), t0);
+        g.record(0, 1); // one session on b
+        drop(g);
+        pool.remove("a").unwrap();
+        pool.add("c", ReplicaSpec::new("m"), ()).unwrap();
+        let snap = pool.snapshot();
+        let g = spread.lock(&snap, t0);
+        // b is now index 0, c index 1.
+        assert_eq!(snap.replicas()[0].id().as_str(), "b");
+        assert!((g.total(0) - 1.0).abs() < 1e-9);
+        assert!(!g.allows(0, g.total(0), 0));
+        assert!(g.allows(0, g.total(0), 1));
     }
 }
