@@ -62,6 +62,8 @@ pub mod future;
 pub mod http_backend;
 pub mod inflight;
 pub mod pool;
+pub mod quota;
 pub mod replica;
 pub mod request;
 pub mod rng;
+pub mod store;
