@@ -12,8 +12,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 /// How the gateway picks a replica for a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
-    /// Session affinity on the affinity header, least-loaded for requests without a session.
-    /// Until the affinity layer is in the crate this behaves as [`Policy::LeastLoaded`].
+    /// Session affinity on the affinity header (consistent hashing with bounded loads and pins),
+    /// least-loaded for requests without a session.
     #[default]
     Affinity,
     /// Weighted least-in-flight (power of two choices).

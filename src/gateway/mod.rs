@@ -10,8 +10,14 @@
 //!   is scanned once to estimate prompt tokens ([`inspect_body`]) and forwarded **byte for byte**:
 //!   the gateway never re-serialises JSON. Responses stream back frame by frame (SSE is never
 //!   buffered), and the request stays in flight on its replica until the body ends.
-//! - Every response from a replica carries `x-replica-affinity` (the decision's reason: `home`,
-//!   `spill`, `failover`, `least-loaded`, `round-robin`, `redirected`) and `x-replica-id`.
+//! - `--policy affinity` (the default) routes each session (`--affinity-header`, or the
+//!   `--user-header` when a request has no session) by consistent hashing with bounded loads and
+//!   sticky pins ([`affinity`](crate::affinity)); requests without a key, and every request under
+//!   `--policy least-loaded`, go to the least loaded of two weighted random replicas; under
+//!   `--policy round-robin`, in turn. Sessions are pinned in memory, or in Redis with
+//!   `--counter-store redis://...` so every gateway instance agrees.
+//! - Responses carry `x-replica-id` and, for session-routed requests, `x-replica-affinity:
+//!   home | spill | failover` (anything but `home` means the replica replays the prefill).
 //! - With `--tenant-rate` / `--tenant-tokens`, the [`quota`](crate::quota) layer holds each tenant
 //!   (`--tenant-header`) to its quota across every gateway sharing the `--counter-store`.
 //! - Routing errors map through [`RouteError`](crate::error::RouteError): 503 when no replica is
@@ -56,8 +62,9 @@ pub use self::config::{
     USAGE,
 };
 pub use self::inspect::{inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
-pub use self::service::{UpstreamRequest, AFFINITY_HEADER, REPLICA_HEADER};
+pub use self::service::UpstreamRequest;
 pub use self::upstream::{Upstream, UpstreamBody, UpstreamFuture};
+pub use crate::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
 
 use self::service::{ConnState, Counters, Shared};
 use crate::error::PoolError;
@@ -260,9 +267,6 @@ impl GatewayConfig {
         if self.slo_wait.is_some() {
             v.push("--slo-wait-ms");
         }
-        if self.policy == Policy::Affinity {
-            v.push("--policy affinity (routes least-loaded until the affinity layer lands)");
-        }
         v
     }
 }
@@ -272,7 +276,7 @@ async fn shared(
     pool: &Pool<Upstream>,
     render: Option<MetricsRender>,
 ) -> Result<Arc<Shared>, GatewayError> {
-    let quota = service::quota_layer(cfg).await?;
+    let layers = service::store_layers(cfg).await?;
     let replica_headers = pool
         .snapshot()
         .replicas()
@@ -285,7 +289,7 @@ async fn shared(
         })
         .collect();
     Ok(Arc::new(Shared {
-        stack: service::build_stack(cfg, pool, quota),
+        stack: service::build_stack(cfg, pool, layers)?,
         extractor: service::extractor(cfg),
         pool: pool.clone(),
         max_body: cfg.max_body_bytes,

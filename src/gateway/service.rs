@@ -17,7 +17,7 @@ use pin_project::pin_project;
 
 use crate::balance::{LeastInFlight, LoadMeasure, RoundRobin};
 use crate::context::{HeaderExtractor, RouteContextService};
-use crate::decision::Decision;
+use crate::decision::{Decision, DecisionReason};
 use crate::dispatch::Dispatch;
 use crate::error::{json_escape_into, RouteError};
 use crate::inflight::TrackedBody;
@@ -30,6 +30,10 @@ use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, Policy};
 use super::inspect::{inspect_body, ApiKind};
 use super::GatewayError;
 use super::MetricsRender;
+use crate::affinity::pins::PinTable;
+use crate::affinity::{
+    Affinity, AffinityFuture, AffinityKey, AffinityLayer, AFFINITY_HEADER, REPLICA_HEADER,
+};
 use crate::quota::{Quota, QuotaConfig, QuotaFuture, QuotaLayer, TenantLimits};
 use crate::store::{MemoryStore, RateQuota};
 
@@ -38,26 +42,45 @@ pub use super::upstream::Upstream;
 pub type UpstreamRequest = Request<Full<Bytes>>;
 type UpstreamResponse = Response<TrackedBody<super::upstream::UpstreamBody>>;
 
-/// The header carrying the routing decision's reason (`home`, `spill`, `failover`, `least-loaded`, ...).
-pub const AFFINITY_HEADER: HeaderName = HeaderName::from_static("x-replica-affinity");
-/// The header naming the replica that served the request.
-pub const REPLICA_HEADER: HeaderName = HeaderName::from_static("x-replica-id");
+/// Least-in-flight picking over dispatch: the fallback under affinity, and `--policy least-loaded`.
+type LeastStack = LeastInFlight<Dispatch<Upstream>, Upstream>;
+type LeastFuture = <LeastStack as tower::Service<UpstreamRequest>>::Future;
 
 /// The picking layer chosen by `--policy`.
 #[derive(Debug, Clone)]
 pub(crate) enum Picker {
-    Least(LeastInFlight<Dispatch<Upstream>, Upstream>),
+    /// Sessions by consistent hashing with bounded loads; unkeyed requests least-loaded.
+    Affinity(Affinity<LeastStack, Upstream>),
+    Least(LeastStack),
     Rotate(RoundRobin<Dispatch<Upstream>, Upstream>),
+}
+
+/// The future of [`Picker`].
+#[pin_project(project = PickerFutureProj)]
+pub(crate) enum PickerFuture {
+    Affinity(#[pin] AffinityFuture<LeastStack, UpstreamRequest, Upstream>),
+    Plain(#[pin] LeastFuture),
+}
+
+impl Future for PickerFuture {
+    type Output = Result<UpstreamResponse, RouteError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            PickerFutureProj::Affinity(f) => f.poll(cx),
+            PickerFutureProj::Plain(f) => f.poll(cx),
+        }
+    }
 }
 
 impl tower::Service<UpstreamRequest> for Picker {
     type Response = UpstreamResponse;
     type Error = RouteError;
-    type Future =
-        crate::future::RouteFuture<crate::dispatch::DispatchFuture<Upstream, UpstreamRequest>>;
+    type Future = PickerFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RouteError>> {
         match self {
+            Picker::Affinity(s) => s.poll_ready(cx),
             Picker::Least(s) => s.poll_ready(cx),
             Picker::Rotate(s) => s.poll_ready(cx),
         }
@@ -65,8 +88,10 @@ impl tower::Service<UpstreamRequest> for Picker {
 
     fn call(&mut self, req: UpstreamRequest) -> Self::Future {
         match self {
-            Picker::Least(s) => s.call(req),
-            Picker::Rotate(s) => s.call(req),
+            Picker::Affinity(s) => PickerFuture::Affinity(s.call(req)),
+            Picker::Least(s) => PickerFuture::Plain(s.call(req)),
+            // Round-robin and least-in-flight both answer `RouteFuture<DispatchFuture>`.
+            Picker::Rotate(s) => PickerFuture::Plain(s.call(req)),
         }
     }
 }
@@ -77,8 +102,6 @@ pub(crate) enum Admit {
     Quota(Quota<Picker>),
     Open(Picker),
 }
-
-type PickerFuture = <Picker as tower::Service<UpstreamRequest>>::Future;
 
 /// The future of [`Admit`].
 #[pin_project(project = AdmitFutureProj)]
@@ -121,9 +144,16 @@ impl tower::Service<UpstreamRequest> for Admit {
 /// The whole routing stack, outermost first: route context -> tenant quota -> picker -> dispatch.
 pub(crate) type Stack = RouteContextService<Admit, HeaderExtractor>;
 
-/// The quota layer for `cfg`'s `--tenant-rate` / `--tenant-tokens`, on its counter store; `None`
-/// when no quota is set.
-pub(crate) async fn quota_layer(cfg: &GatewayConfig) -> Result<Option<QuotaLayer>, GatewayError> {
+/// The layers whose state may live in the counter store: the tenant quota (if `--tenant-rate` or
+/// `--tenant-tokens` is set) and the session pin table (in Redis with `--counter-store redis://`,
+/// so every gateway instance sends a session to the same replica, spills included).
+pub(crate) struct StoreLayers {
+    quota: Option<QuotaLayer>,
+    pins: Option<Arc<dyn PinTable>>,
+}
+
+/// Connects the counter store (once) and builds the layers that use it.
+pub(crate) async fn store_layers(cfg: &GatewayConfig) -> Result<StoreLayers, GatewayError> {
     let mut limits = TenantLimits::unlimited();
     if let Some(r) = cfg.tenant_rate {
         limits =
@@ -133,17 +163,19 @@ pub(crate) async fn quota_layer(cfg: &GatewayConfig) -> Result<Option<QuotaLayer
         limits =
             limits.tokens(RateQuota::new(r.n, r.per).map_err(|e| bad_flag("--tenant-tokens", e))?);
     }
-    if limits.is_unlimited() {
-        return Ok(None);
-    }
-    let config = QuotaConfig::new(limits);
+    let config = (!limits.is_unlimited()).then(|| QuotaConfig::new(limits));
     match &cfg.counter_store {
-        CounterStoreSpec::Memory => Ok(Some(QuotaLayer::new(MemoryStore::new(), config))),
+        CounterStoreSpec::Memory => Ok(StoreLayers {
+            quota: config.map(|c| QuotaLayer::new(MemoryStore::new(), c)),
+            pins: None,
+        }),
         #[cfg(feature = "redis")]
         CounterStoreSpec::Redis(url) => {
-            let store =
-                crate::store::RedisStore::connect(url).await.map_err(|e| bad_flag("--counter-store", e))?;
-            Ok(Some(QuotaLayer::new(store, config)))
+            let store = crate::store::RedisStore::connect(url)
+                .await
+                .map_err(|e| bad_flag("--counter-store", e))?;
+            let pins: Arc<dyn PinTable> = Arc::new(crate::store::RedisPinTable::new(&store));
+            Ok(StoreLayers { quota: config.map(|c| QuotaLayer::new(store, c)), pins: Some(pins) })
         }
         #[cfg(not(feature = "redis"))]
         CounterStoreSpec::Redis(_) => Err(GatewayError::Config(ConfigError::new(
@@ -170,25 +202,45 @@ pub(crate) fn extractor(cfg: &GatewayConfig) -> HeaderExtractor {
 pub(crate) fn build_stack(
     cfg: &GatewayConfig,
     pool: &Pool<Upstream>,
-    quota: Option<QuotaLayer>,
-) -> Stack {
+    layers: StoreLayers,
+) -> Result<Stack, GatewayError> {
     let extractor = extractor(cfg);
     let dispatch = Dispatch::new(pool.clone());
-    let picker = match cfg.policy {
-        // Session affinity is not in the crate yet: requests go to the least loaded replica.
-        Policy::Affinity | Policy::LeastLoaded => Picker::Least(LeastInFlight::new(
-            dispatch,
+    let least = || {
+        LeastInFlight::new(
+            dispatch.clone(),
             pool.clone(),
             LoadMeasure::default(),
             RngSeed::from_entropy(),
-        )),
-        Policy::RoundRobin => Picker::Rotate(RoundRobin::new(dispatch, pool.clone())),
+        )
     };
-    let admit = match quota {
+    let picker = match cfg.policy {
+        Policy::Affinity => {
+            let key = if cfg.user_header.is_some() {
+                AffinityKey::SessionThenUser
+            } else {
+                AffinityKey::Session
+            };
+            let mut builder = AffinityLayer::builder(pool.clone()).key(key);
+            if let Some(pins) = layers.pins {
+                builder = builder.dyn_pin_table(pins);
+            }
+            let affinity = builder
+                .build()
+                .map_err(|e| bad_flag("--policy affinity", e))?;
+            Picker::Affinity(tower::Layer::layer(&affinity, least()))
+        }
+        Policy::LeastLoaded => Picker::Least(least()),
+        Policy::RoundRobin => Picker::Rotate(RoundRobin::new(dispatch.clone(), pool.clone())),
+    };
+    let admit = match layers.quota {
         Some(q) => Admit::Quota(tower::Layer::layer(&q, picker)),
         None => Admit::Open(picker),
     };
-    tower::Layer::layer(&crate::context::RouteContextLayer::new(extractor), admit)
+    Ok(tower::Layer::layer(
+        &crate::context::RouteContextLayer::new(extractor),
+        admit,
+    ))
 }
 
 /// Counters of the request path (handles resolved once, so recording is an atomic add).
@@ -355,14 +407,24 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             if let Some(d) = parts.extensions.get::<Decision>() {
-                let reason = HeaderValue::from_static(d.reason().as_str());
+                // As `affinity::annotate_response`, with the replica ids' header values prepared once.
+                let affinity = match d.reason() {
+                    DecisionReason::Home => Some("home"),
+                    DecisionReason::Spill => Some("spill"),
+                    DecisionReason::Failover => Some("failover"),
+                    _ => None,
+                };
                 let id = shared
                     .replica_headers
                     .iter()
                     .find(|(id, _)| id == d.replica())
                     .map(|(_, v)| v.clone())
                     .or_else(|| HeaderValue::from_str(d.replica().as_str()).ok());
-                parts.headers.insert(AFFINITY_HEADER, reason);
+                if let Some(a) = affinity {
+                    parts
+                        .headers
+                        .insert(AFFINITY_HEADER, HeaderValue::from_static(a));
+                }
                 if let Some(id) = id {
                     parts.headers.insert(REPLICA_HEADER, id);
                 }

@@ -32,7 +32,7 @@ def main(base_url: str) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_headers=session
     )
-    assert raw.headers.get("x-replica-affinity"), dict(raw.headers)
+    assert raw.headers.get("x-replica-affinity") == "home", dict(raw.headers)
     assert raw.headers.get("x-replica-id"), dict(raw.headers)
     raw.parse()
 
