@@ -8,9 +8,12 @@
 #   vllm-ch/-p2    vllm-router==0.1.17, --policy consistent_hash / power_of_two
 #   sglang-ca/-p2  sglang-router==0.3.2, --policy cache_aware / power_of_two
 #   gw-affinity    this crate's examples/gateway.rs, --policy affinity / least-loaded
-#   gw-least       (skipped until the gateway example exists)
+#   gw-least       (skipped when the gateway example does not build)
 # Every target is started once (each in its own process group), then the rounds run interleaved
-# (target after target, --runs times) and the table reports medians: req/s, p50, p99, ratio to the limit.
+# (target after target, --runs times, each round starting one target further on so no target
+# always runs at the same moment) and the table reports medians: req/s, p50, p99, ratio to the
+# limit, and the median over rounds of each target's throughput relative to nginx and to the best
+# peer router of the same round (robust to load that other processes put on the machine).
 #
 # usage: scripts/bench_peers.sh [--runs N] [--duration 10s] [--warmup 2s] [--connections 64]
 #                               [--threads 2] [--only name,name] [--out FILE]
@@ -87,6 +90,7 @@ start() {
     local name="$1"; shift
     setsid "$@" >"$TMP/$name.log" 2>&1 </dev/null &
     PGIDS+=("$!")
+    disown "$!"
 }
 
 free_ports() {
@@ -259,14 +263,17 @@ run_wrk() { # run_wrk PORT DURATION -> "RESULT rps p50us p99us errors requests"
 }
 
 log "targets: ${NAMES[*]}; $RUNS round(s) of ${DURATION} each (after ${WARMUP} warm-up), wrk -t$THREADS -c$CONNS"
+N=${#NAMES[@]}
 for round in $(seq 1 "$RUNS"); do
-    for i in "${!NAMES[@]}"; do
+    for k in $(seq 0 $((N - 1))); do
+        i=$(((k + round - 1) % N))
         run_wrk "${PORTS[$i]}" "$WARMUP" >/dev/null
         r="$(run_wrk "${PORTS[$i]}" "$DURATION")"
-        echo "${NAMES[$i]} $r" >>"$TMP/results"
+        echo "${NAMES[$i]} $r $round" >>"$TMP/results"
         log "round $round ${NAMES[$i]}: $r"
     done
 done
+[ -n "$OUT" ] && cp "$TMP/results" "$OUT.raw"
 
 # ---------------------------------------------------------------- report
 median() { sort -n | awk '{a[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
@@ -278,8 +285,8 @@ limit_rps="$(awk '$1=="limit"{print $3}' "$TMP/results" | median)"
     echo "Load: wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}') -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), POST /v1/chat/completions ($(printf %s "$BODY" | wc -c) bytes), medians of $RUNS round(s)"
     echo "Replicas: 2 x nginx return 200 (one worker), loopback"
     echo
-    echo "| target | what | req/s | p50 ms | p99 ms | vs limit | errors |"
-    echo "|---|---|---:|---:|---:|---:|---:|"
+    echo "| target | what | req/s | p50 ms | p99 ms | vs limit | vs nginx | vs best peer | errors |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     for i in "${!NAMES[@]}"; do
         n="${NAMES[$i]}"
         rps="$(awk -v n="$n" '$1==n{print $3}' "$TMP/results" | median)"
@@ -287,7 +294,10 @@ limit_rps="$(awk '$1=="limit"{print $3}' "$TMP/results" | median)"
         p99="$(awk -v n="$n" '$1==n{print $5}' "$TMP/results" | median)"
         errs="$(awk -v n="$n" '$1==n{s+=$6} END{print s+0}' "$TMP/results")"
         ratio="$(awk -v a="$rps" -v b="$limit_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
-        printf '| %s | %s | %.0f | %s | %s | %s | %s |\n' "$n" "${NOTES[$i]}" "$rps" "$(fmt_ms "$p50")" "$(fmt_ms "$p99")" "$ratio" "$errs"
+        # Per round: this target over nginx, and over the best peer router, then the median.
+        vs_nginx="$(awk -v n="$n" '{r[$1" "$8]=$3} END {for (k in r) {split(k, p, " "); if (p[1]==n && r["nginx "p[2]] > 0) print r[k] / r["nginx "p[2]]}}' "$TMP/results" | median)"
+        vs_peer="$(awk -v n="$n" '{r[$1" "$8]=$3; rounds[$8]=1} END {for (q in rounds) {b=0; for (k in r) {split(k, p, " "); if (p[2]==q && p[1] ~ /^(vllm|sglang)-/ && r[k] > b) b=r[k]}; if (b > 0 && (n" "q) in r) print r[n" "q] / b}}' "$TMP/results" | median)"
+        printf '| %s | %s | %.0f | %s | %s | %s | %.2f | %.2f | %s |\n' "$n" "${NOTES[$i]}" "$rps" "$(fmt_ms "$p50")" "$(fmt_ms "$p99")" "$ratio" "$vs_nginx" "$vs_peer" "$errs"
     done
 } | tee "$TMP/table.md"
 [ -n "$OUT" ] && cp "$TMP/table.md" "$OUT"

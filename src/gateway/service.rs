@@ -297,34 +297,47 @@ impl ConnState {
     }
 }
 
-/// Whether `name` is a hop-by-hop header (RFC 9110 section 7.6.1), never forwarded.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// The hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded, as bits of a mask.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    match name.as_str() {
+        "connection" => 1,
+        "keep-alive" => 2,
+        "proxy-connection" => 4,
+        "te" => 8,
+        "trailer" => 16,
+        "transfer-encoding" => 32,
+        "upgrade" => 64,
+        _ => 0,
+    }
 }
 
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) headers; removal only when there is something to remove.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the (few) headers; then remove only what is there.
+    let mask = headers.keys().fold(0u8, |m, k| m | hop_by_hop_bit(k));
+    if mask == 0 {
         return;
     }
-    let mut named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    named.extend(headers.keys().filter(|k| is_hop_by_hop(k)).cloned());
-    for n in named {
-        headers.remove(n);
+    if mask & 1 != 0 {
+        // `Connection: keep-alive` / `close` (the usual values) name no other header.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
 }
 
