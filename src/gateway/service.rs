@@ -55,7 +55,9 @@ pub(crate) enum Picker {
     Rotate(RoundRobin<Dispatch<Upstream>, Upstream>),
 }
 
-/// The future of [`Picker`].
+/// The future of [`Picker`]. Its variants differ in size; boxing the larger one would cost an
+/// allocation per request, and the future lives in the connection's task anyway.
+#[allow(clippy::large_enum_variant)]
 #[pin_project(project = PickerFutureProj)]
 pub(crate) enum PickerFuture {
     Affinity(#[pin] AffinityFuture<LeastStack, UpstreamRequest, Upstream>),
