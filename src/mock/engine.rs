@@ -46,7 +46,12 @@ impl MockPrompt {
 }
 
 /// A typed request to a [`MockEngine`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It carries `http::Extensions` so the crate's layers can route it in-process (it implements
+/// [`RouteRequest`](crate::request::RouteRequest)): put a
+/// [`RouteContext`](crate::context::RouteContext) with the session key in `extensions`, and a
+/// `Pool<MockEngine>` behind the stack simulates a cluster in virtual time.
+#[derive(Debug, Clone)]
 pub struct MockRequest {
     /// The prompt (its identity for the prefix cache, and its length).
     pub prompt: MockPrompt,
@@ -55,6 +60,8 @@ pub struct MockRequest {
     /// Streaming: the response future resolves at the first token (time to first token) rather than at
     /// the last.
     pub stream: bool,
+    /// Routing state (route context, decision), as on an `http::Request`.
+    pub extensions: http::Extensions,
 }
 
 impl MockRequest {
@@ -64,7 +71,14 @@ impl MockRequest {
             prompt,
             max_tokens: Some(max_tokens),
             stream: false,
+            extensions: http::Extensions::new(),
         }
+    }
+
+    /// The same request with a route context (session key, estimated tokens, ...).
+    pub fn with_context(mut self, ctx: crate::context::RouteContext) -> Self {
+        self.extensions.insert(ctx);
+        self
     }
 
     /// The same request, streamed.

@@ -367,6 +367,7 @@ async fn completion(app: &App, req: Request<Incoming>, kind: Kind) -> Response<M
         prompt: MockPrompt::Tokens(parsed.tokens),
         max_tokens: parsed.max_tokens,
         stream: parsed.stream,
+        extensions: http::Extensions::new(),
     };
     let resp = match app.engine.submit(request) {
         Ok(r) => r,

@@ -26,6 +26,13 @@
 //! the same blocks on every replica. Malformed requests get an OpenAI-style error body with status 400
 //! (413 when over [`MAX_BODY_BYTES`], 404 for another model's name).
 //!
+//! In-process, a `Pool<MockEngine>` is a cluster the crate's layers route over directly:
+//! [`MockRequest`] carries extensions (the route context and decision), [`MockEngine`] is a
+//! [`Backend`](crate::backend::Backend) that reports its load as vLLM does, and a routed response
+//! ([`RoutedResponse`]) stays in flight on its replica until its last token. Under a paused tokio
+//! clock such a simulation is exact and fast (`tests/mock_routing.rs` compares session affinity
+//! with round-robin this way).
+//!
 //! `examples/mock_replica.rs` runs several replicas from the command line.
 
 mod cache;
@@ -33,6 +40,7 @@ mod config;
 mod engine;
 mod error;
 mod http;
+mod route;
 mod tokenize;
 
 pub use cache::block_hashes;
@@ -43,4 +51,5 @@ pub use engine::{
 };
 pub use error::MockError;
 pub use http::{MockServer, MAX_BODY_BYTES};
+pub use route::RoutedResponse;
 pub use tokenize::{chat_tokens, tokenize, tokenize_into};
