@@ -42,6 +42,9 @@
 //! engines). With [`VllmParser::model_name`] set, only samples whose `model_name` label equals it
 //! count; otherwise every label set counts. KV usage is a fraction (`1.0` = full, despite the name),
 //! averaged over engines because each engine owns its own cache, and clamped to `0..=1`.
+//!
+//! The prefix `vllm_` is read like `vllm:`: Python's `prometheus_client` (which vLLM uses) writes
+//! `vllm_num_requests_running` when a scraper negotiates OpenMetrics, replacing the colon.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -642,7 +645,10 @@ impl VllmParser {
         for sample in Samples::new(input) {
             let s = sample?;
             let name = s.name.unescape();
-            let Some(suffix) = name.strip_prefix(b"vllm:") else {
+            let Some(suffix) = name
+                .strip_prefix(b"vllm:")
+                .or_else(|| name.strip_prefix(b"vllm_"))
+            else {
                 continue;
             };
             let metric = match suffix {
