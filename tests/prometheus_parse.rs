@@ -226,7 +226,10 @@ fn python_client_text_fixture() {
     let text = include_bytes!("fixtures/vllm_metrics.txt");
     validate(text).unwrap();
     let now = Instant::now();
-    let r = VllmParser::new().model_name(MODEL).parse(text, now).unwrap();
+    let r = VllmParser::new()
+        .model_name(MODEL)
+        .parse(text, now)
+        .unwrap();
     assert_eq!((r.running, r.waiting), (8, 1));
     assert_eq!(r.kv_usage, Some(0.375));
     assert_eq!(

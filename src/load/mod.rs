@@ -50,7 +50,7 @@ impl PrefixCacheCounters {
     pub fn hit_rate_since(&self, earlier: &PrefixCacheCounters) -> Option<f64> {
         let hits = self.hits - earlier.hits;
         let queries = self.queries - earlier.queries;
-        if !(queries > 0.0) || hits < 0.0 || hits > queries {
+        if queries.is_nan() || hits.is_nan() || queries <= 0.0 || hits < 0.0 || hits > queries {
             return None;
         }
         Some(hits / queries)
