@@ -1,4 +1,68 @@
-//! replica-router: data-parallel LLM inference routing as tower layers.
+//! # replica-router
+//!
+//! Data-parallel LLM inference routing as composable [tower] layers.
+//!
+//! Data parallelism at inference runs N full copies of a model (each maybe TP=2 or TP=4 inside)
+//! and multiplies throughput only if the gateway in front spreads requests well: multi-turn chat
+//! must go back to the replica that holds its KV cache, sticky routing alone hot-spots, replicas
+//! differ, fail and drain, overload should answer a fast 429, and tenant quotas must hold across
+//! every gateway instance. This crate gives any Rust server those pieces as tower layers.
+//!
+//! ## Concepts
+//! - [`pool::Pool`]: the live replica set (add, remove, drain, eject, readmit) with per-replica
+//!   atomics; readers load immutable snapshots, never a lock.
+//! - [`backend::Backend`]: a replica's service plus optional health probe and load report.
+//! - [`context::RouteContext`]: session, user, tenant, estimated tokens and priority, extracted
+//!   by [`context::RouteContextLayer`].
+//! - [`decision::Decision`]: which replica and why, carried in the request's extensions from the
+//!   picking layer to [`dispatch::Dispatch`], then on the response.
+//! - [`inflight`]: a request stays in flight until its response body ends (streaming-safe).
+//!
+//! ## A stack, outermost first
+//! ```
+//! use replica_router::{balance::LeastInFlightLayer, context::RouteContextLayer,
+//!     dispatch::Dispatch, pool::Pool, replica::ReplicaSpec, backend::ServiceBackend};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let replica = ServiceBackend::new(tower::service_fn(|_req: http::Request<String>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("{}")))
+//! }));
+//! let spec = ReplicaSpec::new("llama-3-70b").tensor_parallel(2);
+//! let pool = Pool::builder()
+//!     .replica("gpu-0-1", spec.clone(), replica.clone())
+//!     .replica("gpu-2-3", spec, replica)
+//!     .build()?;
+//! let mut gateway = ServiceBuilder::new()
+//!     .layer(RouteContextLayer::default())         // headers -> RouteContext
+//!     .layer(LeastInFlightLayer::new(pool.clone())) // weighted power of two choices
+//!     .service(Dispatch::new(pool));                // send, count in flight until body ends
+//! let req = http::Request::builder().header("x-session-id", "conv-1").body(String::new())?;
+//! let resp = gateway.ready().await?.call(req).await?;
+//! assert_eq!(resp.status(), 200);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors are one type, [`error::RouteError`], with a documented HTTP mapping (503, 429 with
+//! `Retry-After`, 400, 502).
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
+pub mod affinity;
+pub mod backend;
+pub mod balance;
+pub mod context;
+pub mod decision;
+pub mod dispatch;
+pub mod error;
+pub mod future;
+#[cfg(feature = "http-backend")]
+pub mod http_backend;
+pub mod inflight;
 pub mod load;
+pub mod pool;
+pub mod replica;
+pub mod request;
+pub mod rng;

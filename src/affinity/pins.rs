@@ -1,0 +1,229 @@
+//! The pin table: which replica a session lives on.
+//!
+//! Once a session is placed (on its home replica or, past the load bound, on a spill replica) it
+//! should stay there while that replica is healthy, because its KV cache is there. The affinity
+//! layer records placements in a [`PinTable`]. [`MemoryPinTable`] is the in-process default; a
+//! shared implementation (Redis) lets every gateway instance send a session to the same replica
+//! even after a spill or failover.
+//!
+//! Pins expire after a TTL (idle conversations lose their cache anyway) and the in-memory table
+//! is bounded in size.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::backend::BoxFuture;
+use crate::context::RouteKey;
+use crate::replica::ReplicaId;
+
+/// Errors of a pin table backed by a remote store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PinError {
+    /// The store did not answer in time.
+    #[error("pin store timed out")]
+    Timeout,
+    /// The store failed.
+    #[error("pin store failed: {0}")]
+    Store(String),
+}
+
+/// A pin-table result that is either ready (in-memory tables: no allocation) or pending on a
+/// boxed future (remote tables).
+pub enum PinFuture<'a, T> {
+    /// Already resolved.
+    Ready(Option<Result<T, PinError>>),
+    /// Waiting on a remote store.
+    Pending(BoxFuture<'a, Result<T, PinError>>),
+}
+
+impl<T> std::fmt::Debug for PinFuture<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinFuture::Ready(_) => f.write_str("PinFuture::Ready"),
+            PinFuture::Pending(_) => f.write_str("PinFuture::Pending"),
+        }
+    }
+}
+
+impl<T> PinFuture<'_, T> {
+    /// A resolved result.
+    pub fn ready(value: Result<T, PinError>) -> Self {
+        PinFuture::Ready(Some(value))
+    }
+}
+
+impl<T> Unpin for PinFuture<'_, T> {}
+
+impl<T> Future for PinFuture<'_, T> {
+    type Output = Result<T, PinError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Both variants are Unpin (Option<Result<..>> and Pin<Box<..>>).
+        match self.get_mut() {
+            PinFuture::Ready(v) => Poll::Ready(
+                v.take()
+                    .unwrap_or_else(|| Err(PinError::Store("polled after completion".into()))),
+            ),
+            PinFuture::Pending(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Where sessions are pinned.
+///
+/// Semantics every implementation keeps:
+/// - [`get`](PinTable::get) returns the replica `session` was last pinned to, unless the pin
+///   expired or was removed.
+/// - [`pin`](PinTable::pin) sets or replaces the pin and restarts its TTL.
+/// - [`unpin`](PinTable::unpin) removes it if it still points at `replica` (so a gateway that
+///   saw an old placement cannot erase a newer one).
+/// - Keys are arbitrary bytes; two different keys never share a pin.
+pub trait PinTable: Send + Sync + 'static {
+    /// The replica `session` is pinned to, if any.
+    fn get<'a>(&'a self, session: &'a RouteKey) -> PinFuture<'a, Option<ReplicaId>>;
+
+    /// Pins `session` to `replica` for `ttl`.
+    fn pin<'a>(
+        &'a self,
+        session: &'a RouteKey,
+        replica: &'a ReplicaId,
+        ttl: Duration,
+    ) -> PinFuture<'a, ()>;
+
+    /// Removes the pin if it still points at `replica`.
+    fn unpin<'a>(&'a self, session: &'a RouteKey, replica: &'a ReplicaId) -> PinFuture<'a, ()>;
+}
+
+/// Default upper bound on pins held by a [`MemoryPinTable`].
+pub const DEFAULT_MAX_PINS: usize = 1 << 20;
+
+/// An in-process pin table with TTLs and a size bound.
+///
+/// When full, expired pins are swept; if it is still full, the pins closest to expiry (the
+/// longest idle) are evicted, an eighth of the table at a time, so the cost is amortized.
+///
+/// ```
+/// use replica_router::affinity::pins::{MemoryPinTable, PinTable};
+/// use replica_router::context::RouteKey;
+/// use replica_router::replica::ReplicaId;
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let pins = MemoryPinTable::new(1000);
+/// let key = RouteKey::from("conv-1");
+/// let r = ReplicaId::new("gpu-0").unwrap();
+/// pins.pin(&key, &r, Duration::from_secs(600)).await.unwrap();
+/// assert_eq!(pins.get(&key).await.unwrap(), Some(r));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct MemoryPinTable {
+    max: usize,
+    map: Mutex<HashMap<RouteKey, (ReplicaId, Instant)>>,
+}
+
+impl MemoryPinTable {
+    /// A table holding at most `max_pins` pins (at least 1).
+    pub fn new(max_pins: usize) -> Self {
+        MemoryPinTable {
+            max: max_pins.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Pins held now (expired ones included until swept).
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    /// Whether no pin is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pins per replica among the live (unexpired) pins.
+    pub fn counts(&self) -> HashMap<ReplicaId, usize> {
+        let now = Instant::now();
+        let mut out = HashMap::new();
+        for (r, exp) in self.map.lock().values() {
+            if *exp > now {
+                *out.entry(r.clone()).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    fn make_room(map: &mut HashMap<RouteKey, (ReplicaId, Instant)>, max: usize, now: Instant) {
+        if map.len() < max {
+            return;
+        }
+        map.retain(|_, (_, exp)| *exp > now);
+        if map.len() < max {
+            return;
+        }
+        let evict = (max / 8).max(1);
+        let mut expiries: Vec<Instant> = map.values().map(|(_, e)| *e).collect();
+        let (_, cutoff, _) = expiries.select_nth_unstable(evict - 1);
+        let cutoff = *cutoff;
+        let mut removed = 0;
+        map.retain(|_, (_, exp)| {
+            if removed < evict && *exp <= cutoff {
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+impl Default for MemoryPinTable {
+    fn default() -> Self {
+        MemoryPinTable::new(DEFAULT_MAX_PINS)
+    }
+}
+
+impl PinTable for MemoryPinTable {
+    fn get<'a>(&'a self, session: &'a RouteKey) -> PinFuture<'a, Option<ReplicaId>> {
+        let now = Instant::now();
+        let map = self.map.lock();
+        let found = map
+            .get(session)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(r, _)| r.clone());
+        PinFuture::ready(Ok(found))
+    }
+
+    fn pin<'a>(
+        &'a self,
+        session: &'a RouteKey,
+        replica: &'a ReplicaId,
+        ttl: Duration,
+    ) -> PinFuture<'a, ()> {
+        let now = Instant::now();
+        let expires = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365));
+        let mut map = self.map.lock();
+        if !map.contains_key(session) {
+            Self::make_room(&mut map, self.max, now);
+        }
+        map.insert(session.clone(), (replica.clone(), expires));
+        PinFuture::ready(Ok(()))
+    }
+
+    fn unpin<'a>(&'a self, session: &'a RouteKey, replica: &'a ReplicaId) -> PinFuture<'a, ()> {
+        let mut map = self.map.lock();
+        if map.get(session).is_some_and(|(r, _)| r == replica) {
+            map.remove(session);
+        }
+        PinFuture::ready(Ok(()))
+    }
+}

@@ -1,0 +1,161 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rand::rngs::SmallRng;
+
+use crate::balance::{no_replica, pick_two_choices};
+use crate::decision::{Decision, DecisionReason};
+use crate::error::RouteError;
+use crate::future::RouteFuture;
+use crate::pool::{LoadMeasure, Pool};
+use crate::request::RouteRequest;
+use crate::rng::RngSeed;
+
+/// Weighted least-in-flight picking; made by [`LeastInFlightLayer`](super::LeastInFlightLayer).
+#[derive(Debug)]
+pub struct LeastInFlight<S, B> {
+    inner: S,
+    pool: Pool<B>,
+    measure: LoadMeasure,
+    seed: RngSeed,
+    rng: SmallRng,
+}
+
+impl<S, B> LeastInFlight<S, B> {
+    /// Wraps `inner`, picking among `pool`'s replicas.
+    pub fn new(inner: S, pool: Pool<B>, measure: LoadMeasure, seed: RngSeed) -> Self {
+        let rng = seed.fork();
+        LeastInFlight {
+            inner,
+            pool,
+            measure,
+            seed,
+            rng,
+        }
+    }
+
+    /// Picks a replica for a request with no decision; `None` when none is eligible.
+    pub fn pick(&mut self) -> Result<Decision, RouteError> {
+        let snap = self.pool.load();
+        match pick_two_choices(&snap, self.measure, &mut self.rng) {
+            Some(i) => Ok(Decision::at_slot(
+                snap.replicas()[i].id().clone(),
+                DecisionReason::LeastLoaded,
+                snap.version(),
+                i,
+            )),
+            None => Err(no_replica(&snap)),
+        }
+    }
+}
+
+impl<S: Clone, B> Clone for LeastInFlight<S, B> {
+    fn clone(&self) -> Self {
+        LeastInFlight {
+            inner: self.inner.clone(),
+            pool: self.pool.clone(),
+            measure: self.measure,
+            seed: self.seed.clone(),
+            rng: self.seed.fork(),
+        }
+    }
+}
+
+impl<S, B, Req> tower::Service<Req> for LeastInFlight<S, B>
+where
+    S: tower::Service<Req>,
+    S::Error: Into<RouteError>,
+    Req: RouteRequest,
+{
+    type Response = S::Response;
+    type Error = RouteError;
+    type Future = RouteFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if req.decision().is_none() {
+            match self.pick() {
+                Ok(d) => req.set_decision(d),
+                Err(e) => return RouteFuture::failed(e),
+            }
+        }
+        RouteFuture::new(self.inner.call(req))
+    }
+}
+
+/// Round-robin picking; made by [`RoundRobinLayer`](super::RoundRobinLayer).
+#[derive(Debug)]
+pub struct RoundRobin<S, B> {
+    inner: S,
+    pool: Pool<B>,
+    next: Arc<AtomicUsize>,
+}
+
+impl<S: Clone, B> Clone for RoundRobin<S, B> {
+    fn clone(&self) -> Self {
+        RoundRobin {
+            inner: self.inner.clone(),
+            pool: self.pool.clone(),
+            next: self.next.clone(),
+        }
+    }
+}
+
+impl<S, B> RoundRobin<S, B> {
+    /// Wraps `inner`, rotating over `pool`'s eligible replicas. Clones share the rotation.
+    pub fn new(inner: S, pool: Pool<B>) -> Self {
+        RoundRobin {
+            inner,
+            pool,
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn pick(&self) -> Result<Decision, RouteError> {
+        let snap = self.pool.load();
+        let eligible = snap.eligible();
+        for _ in 0..eligible.len() {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let i = eligible[n % eligible.len()] as usize;
+            let r = &snap.replicas()[i];
+            if r.state().is_eligible() {
+                return Ok(Decision::at_slot(
+                    r.id().clone(),
+                    DecisionReason::RoundRobin,
+                    snap.version(),
+                    i,
+                ));
+            }
+        }
+        Err(no_replica(&snap))
+    }
+}
+
+impl<S, B, Req> tower::Service<Req> for RoundRobin<S, B>
+where
+    S: tower::Service<Req>,
+    S::Error: Into<RouteError>,
+    Req: RouteRequest,
+{
+    type Response = S::Response;
+    type Error = RouteError;
+    type Future = RouteFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if req.decision().is_none() {
+            match self.pick() {
+                Ok(d) => req.set_decision(d),
+                Err(e) => return RouteFuture::failed(e),
+            }
+        }
+        RouteFuture::new(self.inner.call(req))
+    }
+}

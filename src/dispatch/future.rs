@@ -1,0 +1,106 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project::pin_project;
+use tower::util::Oneshot;
+
+use crate::decision::Decision;
+use crate::error::{BoxError, RouteError};
+use crate::inflight::{InFlightGuard, Outcome};
+use crate::request::RouteResponse;
+
+/// The response future of [`Dispatch`](super::Dispatch).
+#[pin_project(project = DispatchProj)]
+pub struct DispatchFuture<B, Req>
+where
+    B: tower::Service<Req>,
+{
+    #[pin]
+    state: State<B, Req>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<B, Req>
+where
+    B: tower::Service<Req>,
+{
+    Sending {
+        #[pin]
+        call: Oneshot<B, Req>,
+        guard: Option<InFlightGuard>,
+        decision: Option<Decision>,
+    },
+    Failed(Option<RouteError>),
+}
+
+impl<B, Req> DispatchFuture<B, Req>
+where
+    B: tower::Service<Req>,
+{
+    pub(crate) fn new(backend: B, req: Req, guard: InFlightGuard, decision: Decision) -> Self {
+        DispatchFuture {
+            state: State::Sending {
+                call: Oneshot::new(backend, req),
+                guard: Some(guard),
+                decision: Some(decision),
+            },
+        }
+    }
+
+    pub(crate) fn failed(err: RouteError) -> Self {
+        DispatchFuture {
+            state: State::Failed(Some(err)),
+        }
+    }
+}
+
+impl<B, Req> std::fmt::Debug for DispatchFuture<B, Req>
+where
+    B: tower::Service<Req>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DispatchFuture")
+    }
+}
+
+impl<B, Req> Future for DispatchFuture<B, Req>
+where
+    B: tower::Service<Req>,
+    B::Response: RouteResponse,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<<B::Response as RouteResponse>::Tracked, RouteError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Sending {
+                call,
+                guard,
+                decision,
+            } => {
+                let result = std::task::ready!(call.poll(cx));
+                let (Some(mut guard), Some(decision)) = (guard.take(), decision.take()) else {
+                    return Poll::Ready(Err(RouteError::InvalidRequest(
+                        "dispatch future polled after completion".into(),
+                    )));
+                };
+                match result {
+                    Ok(resp) => {
+                        guard.on_head(resp.status(), resp.is_failure());
+                        Poll::Ready(Ok(resp.track(guard, decision)))
+                    }
+                    Err(e) => {
+                        guard.finish(Outcome::Failure);
+                        let replica = guard.replica().clone();
+                        drop(guard);
+                        Poll::Ready(Err(RouteError::backend(replica, e)))
+                    }
+                }
+            }
+            StateProj::Failed(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| {
+                RouteError::InvalidRequest("dispatch future polled after completion".into())
+            }))),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rand::rngs::SmallRng;
+
+use crate::backend::Backend;
+use crate::balance::{least_loaded_scan, no_replica, pick_two_choices};
+use crate::decision::{Decision, DecisionReason};
+use crate::dispatch::future::DispatchFuture;
+use crate::error::{BoxError, NoReplicaReason, RouteError};
+use crate::inflight::InFlightGuard;
+use crate::pool::{LoadMeasure, Pool, PoolSnapshot, Replica};
+use crate::request::{CompletionObservers, RouteRequest, RouteResponse};
+use crate::rng::RngSeed;
+
+/// How many times dispatch re-picks when the decided replica cannot take the request.
+const MAX_REDIRECTS: usize = 3;
+
+/// Sends each request to its decided replica. See the [module docs](crate::dispatch).
+#[derive(Debug)]
+pub struct Dispatch<B> {
+    pool: Pool<B>,
+    seed: RngSeed,
+    rng: SmallRng,
+}
+
+impl<B> Clone for Dispatch<B> {
+    fn clone(&self) -> Self {
+        Dispatch {
+            pool: self.pool.clone(),
+            seed: self.seed.clone(),
+            rng: self.seed.fork(),
+        }
+    }
+}
+
+impl<B> Dispatch<B> {
+    /// Dispatches to `pool`'s replicas.
+    pub fn new(pool: Pool<B>) -> Self {
+        Dispatch::with_seed(pool, RngSeed::from_entropy())
+    }
+
+    /// Dispatches to `pool`'s replicas, with a seeded RNG for its fallback picks.
+    pub fn with_seed(pool: Pool<B>, seed: RngSeed) -> Self {
+        let rng = seed.fork();
+        Dispatch { pool, seed, rng }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<B> {
+        &self.pool
+    }
+}
+
+fn locate<'s, B>(snap: &'s PoolSnapshot<B>, decision: &Decision) -> Option<&'s Arc<Replica<B>>> {
+    if let Some((version, i)) = decision.slot() {
+        if version == snap.version() {
+            let r = snap.replicas().get(i as usize)?;
+            if r.id() == decision.replica() {
+                return Some(r);
+            }
+        }
+    }
+    snap.get(decision.replica().as_str()).map(|(_, r)| r)
+}
+
+impl<B, Req> tower::Service<Req> for Dispatch<B>
+where
+    B: Backend + tower::Service<Req>,
+    B::Response: RouteResponse,
+    B::Error: Into<BoxError>,
+    Req: RouteRequest,
+{
+    type Response = <B::Response as RouteResponse>::Tracked;
+    type Error = RouteError;
+    type Future = DispatchFuture<B, Req>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is per replica and checked in the response future.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let snap = self.pool.load();
+        let mut decision = req.decision().cloned();
+        let observers = req.extensions_mut().remove::<CompletionObservers>();
+        let mut target = decision.as_ref().and_then(|d| locate(&snap, d).cloned());
+        for attempt in 0..=MAX_REDIRECTS {
+            let replica = match target.take() {
+                Some(r) => r,
+                None => {
+                    let pick = if attempt == 0 {
+                        pick_two_choices(&snap, LoadMeasure::default(), &mut self.rng)
+                    } else {
+                        least_loaded_scan(&snap, LoadMeasure::default())
+                    };
+                    let Some(i) = pick else { break };
+                    let r = snap.replicas()[i].clone();
+                    let reason = if decision.is_some() {
+                        DecisionReason::Redirected
+                    } else {
+                        DecisionReason::LeastLoaded
+                    };
+                    decision = Some(Decision::at_slot(r.id().clone(), reason, snap.version(), i));
+                    r
+                }
+            };
+            let guard = InFlightGuard::begin(
+                replica.state().clone(),
+                req.route_context(),
+                observers.clone(),
+            );
+            let Some(guard) = guard else {
+                // Started draining after the pick: choose again.
+                if let Some(d) = decision.as_mut() {
+                    d.set_reason(DecisionReason::Redirected);
+                }
+                continue;
+            };
+            let decision = decision.unwrap_or_else(|| {
+                Decision::new(replica.id().clone(), DecisionReason::LeastLoaded)
+            });
+            req.set_decision(decision.clone());
+            let backend = replica.backend().clone();
+            return DispatchFuture::new(backend, req, guard, decision);
+        }
+        let err = if decision.is_some() && !snap.is_empty() && !snap.eligible().is_empty() {
+            RouteError::NoReplica {
+                reason: NoReplicaReason::ReplicaGone,
+            }
+        } else {
+            no_replica(&snap)
+        };
+        DispatchFuture::failed(err)
+    }
+}

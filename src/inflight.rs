@@ -1,0 +1,258 @@
+//! In-flight accounting that survives streaming.
+//!
+//! LLM responses stream for seconds. A request counts as in flight from the moment dispatch
+//! sends it until its response **body** ends, fails or is dropped, or the request future is
+//! cancelled. [`InFlightGuard`] does the counting with RAII: dispatch creates it, moves it into
+//! the response future, and then into the response body ([`TrackedBody`]); whichever owner drops
+//! it last releases the counters, so every path (success, error, cancellation, panic unwinding,
+//! a client hanging up mid-stream) returns them to zero.
+//!
+//! (tower's `PendingRequests` with `CompleteOnResponse` stops counting at the response head,
+//! which undercounts streamed bodies; moving the guard into the body is the fix.)
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project::{pin_project, pinned_drop};
+use tokio::time::Instant;
+
+use crate::context::RouteContext;
+use crate::pool::ReplicaState;
+use crate::replica::ReplicaId;
+use crate::request::CompletionObservers;
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The response was delivered in full.
+    Success,
+    /// The replica failed: a transport error, a failing status (HTTP 5xx) or a body error.
+    Failure,
+    /// The request or its response was dropped before the end (client went away, timeout).
+    Cancelled,
+}
+
+impl Outcome {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What observers learn when a request finishes.
+#[derive(Debug, Clone)]
+pub struct Completion<'a> {
+    /// The replica that served it.
+    pub replica: &'a ReplicaId,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// From dispatch to the end.
+    pub elapsed: Duration,
+    /// From dispatch to the response head, if one arrived.
+    pub time_to_head: Option<Duration>,
+    /// Response status, if a response arrived.
+    pub status: Option<u16>,
+    /// Response body bytes delivered.
+    pub body_bytes: u64,
+    /// Response body data frames delivered (for SSE streams, roughly one per token event).
+    pub body_frames: u64,
+    /// The tokens estimated at admission.
+    pub estimated_tokens: u64,
+}
+
+/// Told when a request finishes. Register one per request with
+/// [`RouteRequest::add_completion_observer`](crate::request::RouteRequest::add_completion_observer)
+/// (the tenant-quota layer settles token reservations this way).
+pub trait CompletionObserver: Send + Sync + 'static {
+    /// Called exactly once, when the request finishes.
+    fn on_complete(&self, completion: &Completion<'_>);
+}
+
+/// Keeps one request counted as in flight on one replica until dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    state: Arc<ReplicaState>,
+    tokens: u64,
+    started: Instant,
+    time_to_head: Option<Duration>,
+    status: Option<u16>,
+    outcome: Option<Outcome>,
+    body_bytes: u64,
+    body_frames: u64,
+    observers: Option<CompletionObservers>,
+}
+
+impl InFlightGuard {
+    /// Counts a request on `state`. Returns `None` (counting nothing) if the replica has started
+    /// draining.
+    pub(crate) fn begin(
+        state: Arc<ReplicaState>,
+        ctx: Option<&RouteContext>,
+        observers: Option<CompletionObservers>,
+    ) -> Option<Self> {
+        let tokens = ctx.map_or(0, |c| c.estimated_tokens);
+        if !state.try_begin(tokens) {
+            return None;
+        }
+        Some(InFlightGuard {
+            state,
+            tokens,
+            started: Instant::now(),
+            time_to_head: None,
+            status: None,
+            outcome: None,
+            body_bytes: 0,
+            body_frames: 0,
+            observers,
+        })
+    }
+
+    /// The replica this guard counts on.
+    pub fn replica(&self) -> &ReplicaId {
+        self.state.id()
+    }
+
+    /// Records the response head: time to first byte, status, and whether it is a failure.
+    pub(crate) fn on_head(&mut self, status: Option<u16>, failure: bool) {
+        let ttfb = self.started.elapsed();
+        self.time_to_head = Some(ttfb);
+        self.status = status;
+        self.state.record_head(ttfb);
+        if failure {
+            self.outcome = Some(Outcome::Failure);
+        }
+    }
+
+    /// Marks the request as ended with `outcome` (the first outcome recorded wins).
+    pub fn finish(&mut self, outcome: Outcome) {
+        if self.outcome.is_none() {
+            self.outcome = Some(outcome);
+        }
+    }
+
+    fn on_data(&mut self, len: usize) {
+        self.body_bytes += len as u64;
+        self.body_frames += 1;
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
+        let elapsed = self.started.elapsed();
+        match outcome {
+            Outcome::Success => self.state.record_success(elapsed),
+            Outcome::Failure => {
+                self.state.record_failure();
+            }
+            Outcome::Cancelled => self.state.record_cancel(),
+        }
+        if let Some(observers) = self.observers.take() {
+            let completion = Completion {
+                replica: self.state.id(),
+                outcome,
+                elapsed,
+                time_to_head: self.time_to_head,
+                status: self.status,
+                body_bytes: self.body_bytes,
+                body_frames: self.body_frames,
+                estimated_tokens: self.tokens,
+            };
+            for o in &observers.0 {
+                o.on_complete(&completion);
+            }
+        }
+        self.state.end(self.tokens);
+    }
+}
+
+/// A response body that keeps its request in flight until the body ends, errors or is dropped.
+#[pin_project(PinnedDrop)]
+#[derive(Debug)]
+pub struct TrackedBody<B> {
+    #[pin]
+    inner: B,
+    guard: Option<InFlightGuard>,
+}
+
+impl<B> TrackedBody<B> {
+    /// Wraps `inner`, holding `guard` until the body is done.
+    pub fn new(inner: B, guard: InFlightGuard) -> Self {
+        TrackedBody {
+            inner,
+            guard: Some(guard),
+        }
+    }
+
+    /// A body with no guard (for responses that were never counted).
+    pub fn untracked(inner: B) -> Self {
+        TrackedBody { inner, guard: None }
+    }
+
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        use bytes::Buf;
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(g) = this.guard.as_mut() {
+                    if let Some(data) = frame.data_ref() {
+                        g.on_data(data.remaining());
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut g) = this.guard.take() {
+                    g.finish(Outcome::Failure);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(mut g) = this.guard.take() {
+                    g.finish(Outcome::Success);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[pinned_drop]
+impl<B> PinnedDrop for TrackedBody<B> {
+    fn drop(self: Pin<&mut Self>) {
+        let this = self.project();
+        // Dropped before its end was polled: the client went away mid-stream. (Bodies that are
+        // empty from the start are finished in `RouteResponse::track`, never tracked.)
+        if let Some(mut g) = this.guard.take() {
+            g.finish(Outcome::Cancelled);
+        }
+    }
+}
