@@ -17,8 +17,24 @@ pub const MAX_REPLICA_ID_LEN: usize = 256;
 ///
 /// The id's bytes feed the consistent-hash ring, so two gateways that name their replicas the
 /// same way place sessions the same way.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialOrd, Ord)]
 pub struct ReplicaId(Arc<str>);
+
+impl PartialEq for ReplicaId {
+    fn eq(&self, other: &Self) -> bool {
+        // Clones of one id share the allocation: skip the byte comparison.
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for ReplicaId {}
+
+impl std::hash::Hash for ReplicaId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Must agree with `Borrow<str>`: hash exactly as the string does.
+        self.0.hash(state)
+    }
+}
 
 impl ReplicaId {
     /// Makes an id, rejecting empty ids and ids over [`MAX_REPLICA_ID_LEN`] bytes.

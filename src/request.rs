@@ -85,8 +85,8 @@ pub trait RouteResponse: Sized {
     }
 
     /// Moves `guard` into the response so the request stays in flight until the response is
-    /// consumed, and records `decision` on the response.
-    fn track(self, guard: InFlightGuard, decision: Decision) -> Self::Tracked;
+    /// consumed, and adds `extensions` (holding at least the [`Decision`]) to the response.
+    fn track(self, guard: InFlightGuard, extensions: http::Extensions) -> Self::Tracked;
 }
 
 impl<B> RouteResponse for http::Response<B>
@@ -103,9 +103,9 @@ where
         Some(http::Response::status(self).as_u16())
     }
 
-    fn track(self, mut guard: InFlightGuard, decision: Decision) -> Self::Tracked {
+    fn track(self, mut guard: InFlightGuard, extensions: http::Extensions) -> Self::Tracked {
         let (mut parts, body) = self.into_parts();
-        parts.extensions.insert(decision);
+        parts.extensions.extend(extensions);
         let body = if body.is_end_stream() {
             // Nothing left to deliver: the request is complete now.
             guard.finish(crate::inflight::Outcome::Success);

@@ -5,7 +5,6 @@ use std::task::{Context, Poll};
 use pin_project::pin_project;
 use tower::util::Oneshot;
 
-use crate::decision::Decision;
 use crate::error::{BoxError, RouteError};
 use crate::inflight::{InFlightGuard, Outcome};
 use crate::request::RouteResponse;
@@ -29,7 +28,7 @@ where
         #[pin]
         call: Oneshot<B, Req>,
         guard: Option<InFlightGuard>,
-        decision: Option<Decision>,
+        extensions: Option<http::Extensions>,
     },
     Failed(Option<RouteError>),
 }
@@ -38,12 +37,17 @@ impl<B, Req> DispatchFuture<B, Req>
 where
     B: tower::Service<Req>,
 {
-    pub(crate) fn new(backend: B, req: Req, guard: InFlightGuard, decision: Decision) -> Self {
+    pub(crate) fn new(
+        backend: B,
+        req: Req,
+        guard: InFlightGuard,
+        extensions: http::Extensions,
+    ) -> Self {
         DispatchFuture {
             state: State::Sending {
                 call: Oneshot::new(backend, req),
                 guard: Some(guard),
-                decision: Some(decision),
+                extensions: Some(extensions),
             },
         }
     }
@@ -77,10 +81,10 @@ where
             StateProj::Sending {
                 call,
                 guard,
-                decision,
+                extensions,
             } => {
                 let result = std::task::ready!(call.poll(cx));
-                let (Some(mut guard), Some(decision)) = (guard.take(), decision.take()) else {
+                let (Some(mut guard), Some(extensions)) = (guard.take(), extensions.take()) else {
                     return Poll::Ready(Err(RouteError::InvalidRequest(
                         "dispatch future polled after completion".into(),
                     )));
@@ -88,7 +92,7 @@ where
                 match result {
                     Ok(resp) => {
                         guard.on_head(resp.status(), resp.is_failure());
-                        Poll::Ready(Ok(resp.track(guard, decision)))
+                        Poll::Ready(Ok(resp.track(guard, extensions)))
                     }
                     Err(e) => {
                         guard.finish(Outcome::Failure);

@@ -22,6 +22,7 @@ pub struct Dispatch<B> {
     pool: Pool<B>,
     seed: RngSeed,
     rng: SmallRng,
+    extensions_to_backend: bool,
 }
 
 impl<B> Clone for Dispatch<B> {
@@ -30,6 +31,7 @@ impl<B> Clone for Dispatch<B> {
             pool: self.pool.clone(),
             seed: self.seed.clone(),
             rng: self.seed.fork(),
+            extensions_to_backend: self.extensions_to_backend,
         }
     }
 }
@@ -43,7 +45,22 @@ impl<B> Dispatch<B> {
     /// Dispatches to `pool`'s replicas, with a seeded RNG for its fallback picks.
     pub fn with_seed(pool: Pool<B>, seed: RngSeed) -> Self {
         let rng = seed.fork();
-        Dispatch { pool, seed, rng }
+        Dispatch {
+            pool,
+            seed,
+            rng,
+            extensions_to_backend: false,
+        }
+    }
+
+    /// Where the request's extensions go. By default (`false`) they move to the response: the
+    /// caller finds the [`Decision`], the route context and anything else it attached on the
+    /// response, at no cost (HTTP clients ignore request extensions anyway). With `true` the
+    /// backend receives them and the response gets a fresh copy of the decision (a few
+    /// allocations per request); use it for in-process backends that read extensions.
+    pub fn extensions_to_backend(mut self, yes: bool) -> Self {
+        self.extensions_to_backend = yes;
+        self
     }
 
     /// The pool.
@@ -117,12 +134,25 @@ where
                 }
                 continue;
             };
+            let changed = req.decision() != decision.as_ref();
             let decision = decision.unwrap_or_else(|| {
                 Decision::new(replica.id().clone(), DecisionReason::LeastLoaded)
             });
-            req.set_decision(decision.clone());
+            let extensions = if self.extensions_to_backend {
+                if changed {
+                    req.set_decision(decision.clone());
+                }
+                let mut ext = http::Extensions::new();
+                ext.insert(decision);
+                ext
+            } else {
+                if changed {
+                    req.set_decision(decision);
+                }
+                std::mem::take(req.extensions_mut())
+            };
             let backend = replica.backend().clone();
-            return DispatchFuture::new(backend, req, guard, decision);
+            return DispatchFuture::new(backend, req, guard, extensions);
         }
         let err = if decision.is_some() && !snap.is_empty() && !snap.eligible().is_empty() {
             RouteError::NoReplica {

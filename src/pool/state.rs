@@ -287,7 +287,8 @@ impl ReplicaState {
         if tokens > 0 {
             self.in_flight_tokens.fetch_sub(tokens, Ordering::AcqRel);
         }
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Only a drain waits for idleness; skip the notification otherwise (it takes a lock).
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.is_draining() {
             self.idle.notify_waiters();
         }
     }
@@ -311,7 +312,8 @@ impl ReplicaState {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Waits until no request is in flight.
+    /// Waits until no request is in flight. Only a draining replica is guaranteed to wake the
+    /// waiter (see [`Pool::drain`](crate::pool::Pool::drain)).
     pub async fn idle(&self) {
         loop {
             let notified = self.idle.notified();
