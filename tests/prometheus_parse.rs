@@ -226,14 +226,15 @@ fn python_client_text_fixture() {
     let text = include_bytes!("fixtures/vllm_metrics.txt");
     validate(text).unwrap();
     let now = Instant::now();
-    let r = VllmParser::new()
+    let full = VllmParser::new()
         .model_name(MODEL)
-        .parse(text, now)
+        .parse_full(text, now)
         .unwrap();
+    let r = full.report;
     assert_eq!((r.running, r.waiting), (8, 1));
     assert_eq!(r.kv_usage, Some(0.375));
     assert_eq!(
-        r.prefix_cache,
+        full.prefix_cache,
         Some(PrefixCacheCounters {
             hits: 1000.0,
             queries: 4000.0

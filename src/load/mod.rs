@@ -5,8 +5,11 @@
 //! own scheduler queue, and how full its KV cache is. vLLM publishes these on its Prometheus
 //! `/metrics` endpoint; [`prometheus`] reads that text into a [`LoadReport`].
 //!
+//! The report type is the backend's [`LoadReport`](crate::backend::LoadReport), re-exported here.
 //! A report is a snapshot taken at [`LoadReport::observed_at`]: it goes stale, and consumers
 //! (the wait estimate in the shedding layer) ignore reports older than a configured age.
+//! Prefix-cache counters, which only matter to dashboards, come separately in
+//! [`prometheus::VllmLoad`].
 //!
 //! ```
 //! use replica_router::load::prometheus::VllmParser;
@@ -23,9 +26,7 @@
 
 pub mod prometheus;
 
-use std::time::Duration;
-
-use tokio::time::Instant;
+pub use crate::backend::LoadReport;
 
 /// Cumulative prefix-cache counters, as an engine exports them (monotonic since engine start).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,58 +55,5 @@ impl PrefixCacheCounters {
             return None;
         }
         Some(hits / queries)
-    }
-}
-
-/// What a replica says about its own load, at one instant.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LoadReport {
-    /// Requests in the engine's running batch (vLLM `num_requests_running`).
-    pub running: u64,
-    /// Requests waiting in the engine's own queue (vLLM `num_requests_waiting`).
-    pub waiting: u64,
-    /// KV-cache usage as a fraction in `0.0..=1.0`, if the engine exports it.
-    pub kv_usage: Option<f64>,
-    /// Prefix-cache counters, if the engine exports them.
-    pub prefix_cache: Option<PrefixCacheCounters>,
-    /// When the report was read (tokio's clock, so tests can pause it).
-    pub observed_at: Instant,
-}
-
-impl LoadReport {
-    /// A report of `running` and `waiting` requests observed at `observed_at`, nothing else known.
-    pub fn new(running: u64, waiting: u64, observed_at: Instant) -> Self {
-        LoadReport {
-            running,
-            waiting,
-            kv_usage: None,
-            prefix_cache: None,
-            observed_at,
-        }
-    }
-
-    /// How old the report is at `now` (zero if `now` is before the observation).
-    pub fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.observed_at)
-    }
-
-    /// Whether the report is at most `max_age` old at `now`.
-    ///
-    /// ```
-    /// use replica_router::load::LoadReport;
-    /// use std::time::Duration;
-    /// use tokio::time::Instant;
-    /// let t = Instant::now();
-    /// let r = LoadReport::new(1, 0, t);
-    /// assert!(r.is_fresh(t + Duration::from_secs(1), Duration::from_secs(2)));
-    /// assert!(!r.is_fresh(t + Duration::from_secs(3), Duration::from_secs(2)));
-    /// ```
-    pub fn is_fresh(&self, now: Instant, max_age: Duration) -> bool {
-        self.age(now) <= max_age
-    }
-
-    /// Requests the engine holds, running or waiting.
-    pub fn queued_total(&self) -> u64 {
-        self.running.saturating_add(self.waiting)
     }
 }

@@ -29,14 +29,15 @@
 //!
 //! # vLLM
 //!
-//! [`VllmParser`] reads the gauges a vLLM server exports into a [`LoadReport`]:
+//! [`VllmParser`] reads the gauges a vLLM server exports into a [`LoadReport`] (and, with
+//! [`VllmParser::parse_full`], the prefix-cache counters beside it):
 //!
 //! | metric | report field | across label sets |
 //! |---|---|---|
 //! | `vllm:num_requests_running` | [`LoadReport::running`] | summed |
 //! | `vllm:num_requests_waiting` | [`LoadReport::waiting`] | summed |
 //! | `vllm:kv_cache_usage_perc` (or, on older engines, `vllm:gpu_cache_usage_perc`) | [`LoadReport::kv_usage`] | averaged |
-//! | `vllm:prefix_cache_hits_total`, `vllm:prefix_cache_queries_total` | [`LoadReport::prefix_cache`] | summed |
+//! | `vllm:prefix_cache_hits_total`, `vllm:prefix_cache_queries_total` | [`VllmLoad::prefix_cache`] | summed |
 //!
 //! vLLM labels each sample with `model_name` (and `engine` when one server runs several data-parallel
 //! engines). With [`VllmParser::model_name`] set, only samples whose `model_name` label equals it
@@ -565,6 +566,16 @@ const KV_USAGE_OLD: &str = "vllm:gpu_cache_usage_perc";
 const PREFIX_HITS: &str = "vllm:prefix_cache_hits_total";
 const PREFIX_QUERIES: &str = "vllm:prefix_cache_queries_total";
 
+/// What [`VllmParser::parse_full`] reads: the load report and the prefix-cache counters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VllmLoad {
+    /// Running and waiting requests, KV usage.
+    pub report: LoadReport,
+    /// `vllm:prefix_cache_hits_total` and `vllm:prefix_cache_queries_total`, when both are
+    /// present.
+    pub prefix_cache: Option<PrefixCacheCounters>,
+}
+
 /// Reads vLLM's `/metrics` text into a [`LoadReport`].
 ///
 /// ```
@@ -637,10 +648,22 @@ impl VllmParser {
 
     /// Parses `input` (any bytes) into a report stamped `observed_at`.
     ///
+    /// See [`parse_full`](Self::parse_full) for the rules.
+    pub fn parse(&self, input: &[u8], observed_at: Instant) -> Result<LoadReport, LoadParseError> {
+        self.parse_full(input, observed_at).map(|l| l.report)
+    }
+
+    /// Parses `input` (any bytes) into a report stamped `observed_at`, plus the prefix-cache
+    /// counters when the engine exports them.
+    ///
     /// Both `vllm:num_requests_running` and `vllm:num_requests_waiting` must be present (after the
     /// model filter); the KV gauge and prefix-cache counters are optional. A count must be finite
     /// and non-negative, KV usage must not be NaN.
-    pub fn parse(&self, input: &[u8], observed_at: Instant) -> Result<LoadReport, LoadParseError> {
+    pub fn parse_full(
+        &self,
+        input: &[u8],
+        observed_at: Instant,
+    ) -> Result<VllmLoad, LoadParseError> {
         let mut acc = Acc::default();
         for sample in Samples::new(input) {
             let s = sample?;
@@ -694,13 +717,15 @@ impl VllmParser {
             (Some(hits), Some(queries)) => Some(PrefixCacheCounters { hits, queries }),
             _ => None,
         };
-        Ok(LoadReport {
-            // Finite, non-negative sums: `as` saturates at u64::MAX and rounds toward zero.
-            running: running.round() as u64,
-            waiting: waiting.round() as u64,
-            kv_usage,
+        Ok(VllmLoad {
+            report: LoadReport {
+                // Finite, non-negative sums: `as` saturates at u64::MAX.
+                running: running.round() as u64,
+                waiting: waiting.round() as u64,
+                kv_usage,
+                observed_at,
+            },
             prefix_cache,
-            observed_at,
         })
     }
 }
@@ -827,12 +852,13 @@ vllm:prefix_cache_queries_total{engine=\"0\",model_name=\"m\"} 40.0
 vllm:time_to_first_token_seconds_bucket{le=\"+Inf\",model_name=\"m\"} 5.0
 ";
         let now = Instant::now();
-        let r = VllmParser::new().parse(text.as_bytes(), now).unwrap();
+        let full = VllmParser::new().parse_full(text.as_bytes(), now).unwrap();
+        let r = full.report;
         assert_eq!(r.running, 4);
         assert_eq!(r.waiting, 2);
         assert_eq!(r.kv_usage, Some(0.375));
         assert_eq!(
-            r.prefix_cache,
+            full.prefix_cache,
             Some(PrefixCacheCounters {
                 hits: 10.0,
                 queries: 40.0
@@ -845,8 +871,8 @@ vllm:time_to_first_token_seconds_bucket{le=\"+Inf\",model_name=\"m\"} 5.0
     fn vllm_old_kv_and_errors() {
         let now = Instant::now();
         let text = "vllm:num_requests_running 1\nvllm:num_requests_waiting 0\nvllm:gpu_cache_usage_perc 1.5\n";
-        let r = VllmParser::new().parse(text.as_bytes(), now).unwrap();
-        assert_eq!(r.kv_usage, Some(1.0));
+        let r = VllmParser::new().parse_full(text.as_bytes(), now).unwrap();
+        assert_eq!(r.report.kv_usage, Some(1.0));
         assert_eq!(r.prefix_cache, None);
 
         let text = "vllm:num_requests_running -1\nvllm:num_requests_waiting 0\n";
