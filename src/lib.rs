@@ -51,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 pub mod affinity;
+pub mod autoscale;
 pub mod backend;
 pub mod balance;
 pub mod context;
@@ -66,3 +67,4 @@ pub mod pool;
 pub mod replica;
 pub mod request;
 pub mod rng;
+pub mod shed;
