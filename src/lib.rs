@@ -59,6 +59,7 @@ pub mod decision;
 pub mod dispatch;
 pub mod error;
 pub mod future;
+pub mod health;
 #[cfg(feature = "http-backend")]
 pub mod http_backend;
 pub mod inflight;

@@ -84,7 +84,7 @@
 //! # }
 //! ```
 
-mod estimate;
+pub(crate) mod estimate;
 mod future;
 mod layer;
 mod queue;

@@ -1,0 +1,96 @@
+use std::sync::Arc;
+
+use crate::error::RouteError;
+use crate::health::service::{Failover, OutlierDetection};
+use crate::health::{never_sent, OutlierDetector};
+use crate::inflight::CompletionObserver;
+use crate::pool::Pool;
+
+/// Feeds every request's outcome to an [`OutlierDetector`].
+///
+/// Place it anywhere above [`Dispatch`](crate::dispatch::Dispatch); it only registers a
+/// completion observer on each request.
+#[derive(Clone)]
+pub struct OutlierDetectionLayer {
+    observer: Arc<dyn CompletionObserver>,
+}
+
+impl std::fmt::Debug for OutlierDetectionLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutlierDetectionLayer")
+    }
+}
+
+impl OutlierDetectionLayer {
+    /// Feeds `detector`.
+    pub fn new<B: Send + Sync + 'static>(detector: &OutlierDetector<B>) -> Self {
+        OutlierDetectionLayer {
+            observer: detector.observer(),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for OutlierDetectionLayer {
+    type Service = OutlierDetection<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OutlierDetection::new(inner, self.observer.clone())
+    }
+}
+
+/// Sends a request that never reached its replica (the connection was refused) to another
+/// replica, up to `max_retries` times.
+///
+/// A request that had started (written to the replica, even partly) is never retried: it may
+/// have had effects. Requests must be copyable ([`ReplayRequest`](super::ReplayRequest); for
+/// HTTP, a body that is `Clone`, such as `Full<Bytes>`). The retry carries a
+/// [`Decision`](crate::decision::Decision) for the least-loaded eligible replica not yet tried,
+/// with reason [`Failover`](crate::decision::DecisionReason::Failover), so the picking layers
+/// below pass it on. Place it above the picking layers (and above the
+/// [`OutlierDetectionLayer`], so every attempt is observed):
+///
+/// ```text
+/// quota -> shed -> failover -> outlier detection -> affinity -> least-in-flight -> dispatch
+/// ```
+///
+/// Completion observers registered above this layer see the first attempt only (the retry
+/// carries none of them, so none is told twice).
+///
+/// Metric: `replica_router_failover_retries_total`.
+#[derive(Debug, Clone)]
+pub struct FailoverLayer<B> {
+    pool: Pool<B>,
+    max_retries: usize,
+    retry_if: fn(&RouteError) -> bool,
+}
+
+impl<B> FailoverLayer<B> {
+    /// Retries never-sent requests up to twice, on `pool`'s replicas.
+    pub fn new(pool: Pool<B>) -> Self {
+        FailoverLayer {
+            pool,
+            max_retries: 2,
+            retry_if: never_sent,
+        }
+    }
+
+    /// How many retries a request gets.
+    pub fn max_retries(mut self, n: usize) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Which errors mean "never sent" (default [`never_sent`]).
+    pub fn retry_if(mut self, f: fn(&RouteError) -> bool) -> Self {
+        self.retry_if = f;
+        self
+    }
+}
+
+impl<S, B> tower::Layer<S> for FailoverLayer<B> {
+    type Service = Failover<S, B>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Failover::new(inner, self.pool.clone(), self.max_retries, self.retry_if)
+    }
+}
