@@ -312,7 +312,7 @@ mod tests {
         );
         let t0 = Instant::now();
         let id = |s: &str| ReplicaId::new(s).unwrap();
-        // Two failures, then the third outside the window: no ejection.
+        // Failures at 0 s and 1 s have left the 10 s window by 12 s: three needed within it.
         d.record(&id("r0"), Outcome::Failure, t0);
         d.record(&id("r0"), Outcome::Failure, t0 + Duration::from_secs(1));
         d.record(&id("r0"), Outcome::Failure, t0 + Duration::from_secs(12));
@@ -321,6 +321,11 @@ mod tests {
             Health::Healthy
         );
         d.record(&id("r0"), Outcome::Failure, t0 + Duration::from_secs(13));
+        assert_eq!(
+            p.snapshot().get("r0").unwrap().1.state().health(),
+            Health::Healthy
+        );
+        d.record(&id("r0"), Outcome::Failure, t0 + Duration::from_secs(14));
         assert_eq!(
             p.snapshot().get("r0").unwrap().1.state().health(),
             Health::Ejected
@@ -339,8 +344,8 @@ mod tests {
             Health::Healthy
         );
         // Re-admission after 30 s.
-        assert!(d.readmit_due(t0 + Duration::from_secs(42)).is_empty());
-        assert_eq!(d.readmit_due(t0 + Duration::from_secs(43)), vec![id("r0")]);
+        assert!(d.readmit_due(t0 + Duration::from_secs(43)).is_empty());
+        assert_eq!(d.readmit_due(t0 + Duration::from_secs(44)), vec![id("r0")]);
         assert_eq!(
             p.snapshot().get("r0").unwrap().1.state().health(),
             Health::Healthy
