@@ -86,6 +86,26 @@ fn ours(
         .layer(Dispatch::new(pool))
 }
 
+/// The picking layer alone over a no-op inner service: pick, record the decision, call.
+fn ours_pick_layer(
+    n: usize,
+) -> impl Service<http::Request<()>, Response = impl Sized, Error = impl std::fmt::Debug> {
+    let mut b = Pool::builder().spec_policy(SpecPolicy::Unchecked);
+    for i in 0..n {
+        b = b.replica(
+            format!("replica-{i}"),
+            ReplicaSpec::new("m").capacity_weight(1.0 + (i % 3) as f64),
+            Noop,
+        );
+    }
+    let pool = b.build().unwrap();
+    LeastInFlightLayer::new(pool)
+        .seed(RngSeed::fixed(1))
+        .layer(tower::service_fn(|_req: http::Request<()>| {
+            ready(Ok::<_, Infallible>(()))
+        }))
+}
+
 type TowerBalance = tower::balance::p2c::Balance<
     tower::discover::ServiceList<
         Vec<tower::load::PendingRequests<Noop, tower::load::CompleteOnResponse>>,
@@ -136,11 +156,19 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("route_one_request");
     for n in [8usize, 64, 512] {
         let mut o = ours(n);
+        let mut p = ours_pick_layer(n);
         let mut t = towers(n);
         eprintln!(
-            "allocations per routed request at {n} replicas: replica-router {:.2}, tower p2c {:.2}",
+            "allocations per routed request at {n} replicas: replica-router {:.2}, \
+             replica-router pick layer {:.2}, tower p2c {:.2}",
             allocs_per_request(&mut o),
+            allocs_per_request(&mut p),
             allocs_per_request(&mut t)
+        );
+        group.bench_with_input(
+            BenchmarkId::new("replica-router-pick-layer", n),
+            &n,
+            |b, _| b.iter(|| route(&mut p)),
         );
         group.bench_with_input(BenchmarkId::new("replica-router", n), &n, |b, _| {
             b.iter(|| route(&mut o))

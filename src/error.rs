@@ -217,6 +217,12 @@ impl RouteError {
     }
 }
 
+impl From<std::convert::Infallible> for RouteError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
 fn itoa_status(s: http::StatusCode) -> String {
     s.as_u16().to_string()
 }
