@@ -1,5 +1,6 @@
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use pin_project::pin_project;
@@ -7,10 +8,11 @@ use tower::util::Oneshot;
 
 use crate::decision::{Decision, DecisionReason};
 use crate::error::RouteError;
+use crate::health::deferred::Deferred;
 use crate::health::ReplayRequest;
 use crate::pool::{LoadMeasure, Pool};
 use crate::replica::ReplicaId;
-use crate::request::{CompletionObservers, RouteRequest};
+use crate::request::RouteRequest;
 
 /// The response future of [`Failover`](super::Failover).
 #[pin_project]
@@ -21,6 +23,7 @@ where
     #[pin]
     attempt: Attempt<S, Req>,
     retry: Option<Box<Retry<S, Req, B>>>,
+    deferred: Option<Arc<Deferred>>,
 }
 
 pub(crate) struct Retry<S, Req, B> {
@@ -54,10 +57,20 @@ impl<S, Req, B> FailoverFuture<S, Req, B>
 where
     S: tower::Service<Req>,
 {
-    pub(crate) fn new(first: S::Future, retry: Option<Box<Retry<S, Req, B>>>) -> Self {
+    pub(crate) fn new(
+        first: S::Future,
+        retry: Option<Box<Retry<S, Req, B>>>,
+        deferred: Option<Arc<Deferred>>,
+    ) -> Self {
+        if retry.is_none() {
+            if let Some(d) = &deferred {
+                d.disarm();
+            }
+        }
         FailoverFuture {
             attempt: Attempt::First(first),
             retry,
+            deferred,
         }
     }
 }
@@ -108,7 +121,6 @@ where
         let (i, _) = best?;
         let mut req = self.spare.take()?;
         self.spare = req.try_clone_request();
-        req.extensions_mut().remove::<CompletionObservers>();
         req.set_decision(Decision::at_slot(
             snap.replicas()[i].id().clone(),
             DecisionReason::Failover,
@@ -141,8 +153,25 @@ where
                 Err(e) => e.into(),
             };
             match this.retry.as_mut().and_then(|r| r.next(&err)) {
-                Some(next) => this.attempt.set(Attempt::Again(next)),
-                None => return Poll::Ready(Err(err)),
+                Some(next) => {
+                    if let Some(d) = this.deferred.as_ref() {
+                        d.discard();
+                        if this
+                            .retry
+                            .as_ref()
+                            .is_none_or(|r| r.left == 0 || r.spare.is_none())
+                        {
+                            d.disarm();
+                        }
+                    }
+                    this.attempt.set(Attempt::Again(next));
+                }
+                None => {
+                    if let Some(d) = this.deferred.as_ref() {
+                        d.flush();
+                    }
+                    return Poll::Ready(Err(err));
+                }
             }
         }
     }

@@ -53,8 +53,9 @@ impl<S> tower::Layer<S> for OutlierDetectionLayer {
 /// quota -> shed -> failover -> outlier detection -> affinity -> least-in-flight -> dispatch
 /// ```
 ///
-/// Completion observers registered above this layer see the first attempt only (the retry
-/// carries none of them, so none is told twice).
+/// Completion observers registered above this layer (a quota's token settlement, the admission
+/// queue's wake-up) are told exactly once, about the final attempt: a never-sent failure that is
+/// followed by a retry is not reported to them.
 ///
 /// Metric: `replica_router_failover_retries_total`.
 #[derive(Debug, Clone)]

@@ -71,6 +71,7 @@
 //! ```
 
 mod checker;
+mod deferred;
 mod drain;
 mod future;
 mod layer;

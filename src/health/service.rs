@@ -3,11 +3,12 @@ use std::task::{Context, Poll};
 
 use crate::error::RouteError;
 use crate::future::RouteFuture;
+use crate::health::deferred::Deferred;
 use crate::health::future::{FailoverFuture, Retry};
 use crate::health::ReplayRequest;
 use crate::inflight::CompletionObserver;
 use crate::pool::Pool;
-use crate::request::RouteRequest;
+use crate::request::{CompletionObservers, RouteRequest};
 
 /// Registers an outlier detector's observer on each request; made by
 /// [`OutlierDetectionLayer`](super::OutlierDetectionLayer).
@@ -102,12 +103,19 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
-        let spare = if self.max_retries > 0 {
-            req.try_clone_request()
-        } else {
-            None
-        };
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if self.max_retries == 0 {
+            return FailoverFuture::new(self.inner.call(req), None, None);
+        }
+        // Observers registered above are told once, about the final attempt.
+        let deferred = req
+            .extensions_mut()
+            .remove::<CompletionObservers>()
+            .map(|o| Arc::new(Deferred::new(o)));
+        if let Some(d) = &deferred {
+            req.add_completion_observer(d.clone());
+        }
+        let spare = req.try_clone_request();
         let retry = spare.map(|spare| {
             Retry::new(
                 spare,
@@ -117,6 +125,6 @@ where
                 self.retry_if,
             )
         });
-        FailoverFuture::new(self.inner.call(req), retry)
+        FailoverFuture::new(self.inner.call(req), retry, deferred)
     }
 }
