@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use crate::error::RouteError;
 use crate::health::service::{Failover, OutlierDetection};
-use crate::health::{never_sent, OutlierDetector};
+use crate::health::{failed_before_response, OutlierDetector};
 use crate::inflight::CompletionObserver;
 use crate::pool::Pool;
 
@@ -38,16 +38,20 @@ impl<S> tower::Layer<S> for OutlierDetectionLayer {
     }
 }
 
-/// Sends a request that never reached its replica (the connection was refused) to another
-/// replica, up to `max_retries` times.
+/// Sends a request whose replica failed before any response arrived to another replica, up to
+/// `max_retries` times.
 ///
-/// A request that had started (written to the replica, even partly) is never retried: it may
-/// have had effects. Requests must be copyable ([`ReplayRequest`](super::ReplayRequest); for
-/// HTTP, a body that is `Clone`, such as `Full<Bytes>`). The retry carries a
-/// [`Decision`](crate::decision::Decision) for the least-loaded eligible replica not yet tried,
-/// with reason [`Failover`](crate::decision::DecisionReason::Failover), so the picking layers
-/// below pass it on. Place it above the picking layers (and above the
-/// [`OutlierDetectionLayer`], so every attempt is observed):
+/// Which errors are retried is [`failed_before_response`] by default (refused or reset
+/// connections, a replica that died mid-prefill: the client has received nothing yet), or
+/// [`never_sent`](super::never_sent) (only connections that were never made) with
+/// [`retry_if`](Self::retry_if). A request whose response head arrived is never retried: its
+/// tokens may already be on their way to the client. Requests must be copyable
+/// ([`ReplayRequest`](super::ReplayRequest); for HTTP, a body that is `Clone`, such as
+/// `Full<Bytes>`). The retry carries a [`Decision`](crate::decision::Decision) for the
+/// least-loaded eligible replica not yet tried, with reason
+/// [`Failover`](crate::decision::DecisionReason::Failover), so the picking layers below pass it
+/// on. Place it above the picking layers (and above the [`OutlierDetectionLayer`], so every
+/// attempt is observed):
 ///
 /// ```text
 /// quota -> shed -> failover -> outlier detection -> affinity -> least-in-flight -> dispatch
@@ -66,12 +70,12 @@ pub struct FailoverLayer<B> {
 }
 
 impl<B> FailoverLayer<B> {
-    /// Retries never-sent requests up to twice, on `pool`'s replicas.
+    /// Retries requests that failed before any response, up to twice, on `pool`'s replicas.
     pub fn new(pool: Pool<B>) -> Self {
         FailoverLayer {
             pool,
             max_retries: 2,
-            retry_if: never_sent,
+            retry_if: failed_before_response,
         }
     }
 
@@ -81,7 +85,7 @@ impl<B> FailoverLayer<B> {
         self
     }
 
-    /// Which errors mean "never sent" (default [`never_sent`]).
+    /// Which errors to retry (default [`failed_before_response`]; [`never_sent`](super::never_sent) is stricter).
     pub fn retry_if(mut self, f: fn(&RouteError) -> bool) -> Self {
         self.retry_if = f;
         self

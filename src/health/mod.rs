@@ -23,9 +23,10 @@
 //!   [`SlowStart`](crate::pool::SlowStart) ramps the replica's effective weight from a floor to
 //!   full over a window, in Envoy's shape `max(floor, (t / window)^(1 / aggression))`, so the
 //!   weighted pickers and the wait estimate give a cold replica a small share first.
-//! - **Failover**: [`FailoverLayer`] sends a request that never reached its replica (connection
-//!   refused: the replica died before the checks noticed) to another one, so requests that had
-//!   not started are not lost. Requests that had started are not retried.
+//! - **Failover**: [`FailoverLayer`] sends a request whose replica failed before answering
+//!   (connection refused or reset: the replica died before the checks noticed) to another one,
+//!   so requests that had not started are not lost. A request whose response had begun (tokens
+//!   already streamed to the client) is never retried.
 //! - **Drain**: [`Pool::drain`](crate::pool::Pool::drain) stops new requests and sessions to a
 //!   replica and returns a [`Drain`](crate::pool::Drain) whose `wait()` resolves when its last
 //!   in-flight request (streamed body included) has finished; [`drain_and_remove`] does drain,
@@ -105,6 +106,29 @@ impl<B: Clone> ReplayRequest for http::Request<B> {
         *r.extensions_mut() = self.extensions().clone();
         Some(r)
     }
+}
+
+/// Whether `err` is a replica failure before any response arrived (refused or reset
+/// connection, connection closed before the response head, a transport timeout): nothing reached
+/// the client yet, so another replica can serve the request from scratch. The default of
+/// [`FailoverLayer`].
+///
+/// For LLM inference this is safe: generation has no side effect but its cost. The replica may
+/// have begun the prefill, so a request that itself crashes replicas (a "query of death") is
+/// tried on up to `max_retries` more; use [`never_sent`] where that matters more than
+/// availability.
+///
+/// ```
+/// use replica_router::error::{RouteError, NoReplicaReason};
+/// use replica_router::health::failed_before_response;
+/// use replica_router::replica::ReplicaId;
+/// let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+/// assert!(failed_before_response(&RouteError::backend(ReplicaId::new("a").unwrap(), reset)));
+/// let none = RouteError::NoReplica { reason: NoReplicaReason::NoneEligible };
+/// assert!(!failed_before_response(&none));
+/// ```
+pub fn failed_before_response(err: &RouteError) -> bool {
+    matches!(err, RouteError::Backend { .. })
 }
 
 /// Whether `err` says the request never reached its replica: a backend error caused by a
