@@ -86,13 +86,20 @@ fn in_flight(pool: &Pool<ScriptedBackend>) -> Vec<u64> {
 
 #[tokio::test(start_paused = true)]
 async fn sheds_exactly_when_every_replica_is_over_budget() {
+    sheds_exactly(true).await;
+    // Without advice the scan stops early; the verdict must not change.
+    sheds_exactly(false).await;
+}
+
+async fn sheds_exactly(advise: bool) {
     let pool = pool(3);
     let est = estimator();
     let mut svc = stack(
         &pool,
         ShedLayer::new(pool.clone())
             .budget(BUDGET)
-            .estimator(est.clone()),
+            .estimator(est.clone())
+            .advise(advise),
     );
     let mut held: Vec<Resp> = Vec::new();
     let mut rng = SmallRng::seed_from_u64(42);

@@ -112,6 +112,7 @@ impl<S, Req, B> Queued<S, Req, B>
 where
     S: tower::Service<Req>,
     Req: RouteRequest,
+    B: Send + Sync + 'static,
 {
     fn poll_wait(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Step<S::Future> {
         let mut this = self.project();
@@ -177,6 +178,7 @@ where
     S: tower::Service<Req>,
     S::Error: Into<RouteError>,
     Req: RouteRequest,
+    B: Send + Sync + 'static,
 {
     type Output = Result<S::Response, RouteError>;
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 use crate::autoscale::AutoscaleSignal;
 use crate::context::Priority;
 use crate::pool::Pool;
-use crate::shed::queue::{lane, AdmissionQueue};
+use crate::shed::queue::{lane, AdmissionQueue, QueueNotifier};
 use crate::shed::{QueueSettings, Shared, Shed, StickyPolicy, WaitEstimator};
 
 /// Adds SLO shedding (and optionally an admission queue) to a service stack.
@@ -17,6 +17,7 @@ pub struct ShedLayer<B> {
     estimator: WaitEstimator,
     budgets: [Duration; 3],
     sticky: StickyPolicy,
+    advise: bool,
     retry_after: (Duration, Duration),
     queue: Option<(Arc<AdmissionQueue>, QueueSettings)>,
     autoscale: Option<AutoscaleSignal>,
@@ -35,6 +36,7 @@ impl<B> ShedLayer<B> {
             estimator: WaitEstimator::default(),
             budgets: [DEFAULT_BUDGET; 3],
             sticky: StickyPolicy::default(),
+            advise: true,
             retry_after: (Duration::from_secs(1), Duration::from_secs(60)),
             queue: None,
             autoscale: None,
@@ -63,6 +65,14 @@ impl<B> ShedLayer<B> {
     /// What to do with sticky sessions whose home is over budget.
     pub fn sticky(mut self, policy: StickyPolicy) -> Self {
         self.sticky = policy;
+        self
+    }
+
+    /// Whether to leave an [`SloAdvice`](super::SloAdvice) in undecided requests for the picking
+    /// layers below (default on; one small allocation per request). A stack without session
+    /// affinity can turn it off.
+    pub fn advise(mut self, on: bool) -> Self {
+        self.advise = on;
         self
     }
 
@@ -121,8 +131,13 @@ impl<S, B> tower::Layer<S> for ShedLayer<B> {
                 estimator: self.estimator.clone(),
                 budgets: self.budgets,
                 sticky: self.sticky,
+                advise: self.advise,
                 retry_after: self.retry_after,
                 queue: self.queue.clone(),
+                notifier: self
+                    .queue
+                    .as_ref()
+                    .map(|(q, _)| Arc::new(QueueNotifier(q.clone()))),
                 autoscale: self.autoscale.clone(),
             }),
         )

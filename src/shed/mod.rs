@@ -36,10 +36,10 @@
 //!
 //! The layer applies the policy in two ways, so it works whatever the layer order:
 //! - when a picking layer below it will choose the replica (the usual order: shedding, then
-//!   affinity), the layer puts an [`SloAdvice`] in the request's extensions whenever some
-//!   replicas are over budget and some are not. The affinity layer reads it
-//!   (`req.extensions().get::<SloAdvice>()`) and asks [`SloAdvice::should_leave_home`] for the
-//!   session's home, and [`SloAdvice::is_over_budget`] for spill candidates;
+//!   affinity), the layer puts an [`SloAdvice`] in the request's extensions. The affinity layer
+//!   reads it (`req.extensions().get::<SloAdvice>()`) and asks
+//!   [`SloAdvice::should_leave_home`] for the session's home, and [`SloAdvice::is_over_budget`]
+//!   for spill candidates; the waits are estimated when asked, for those replicas only;
 //! - when a [`Decision`](crate::decision::Decision) is already made (affinity placed above
 //!   shedding, or the application decided), the layer itself moves a decided replica that is
 //!   over budget to the replica with the least estimated wait, with reason
@@ -122,21 +122,53 @@ pub enum StickyPolicy {
 }
 
 /// The shedding layer's view of the replicas' waits, left in the request's extensions for the
-/// picking layers below when some replicas are over budget and some are not.
+/// picking layers below.
 ///
-/// Indices are those of the [`PoolSnapshot`] whose [`version`](PoolSnapshot::version) is
-/// [`snapshot_version`](Self::snapshot_version); every query takes the caller's snapshot version
-/// and answers "not over budget" for another version, so a stale advice never blocks a pick.
-#[derive(Debug, Clone, PartialEq)]
+/// Estimates are computed when asked, from the live pool, so they describe the moment of the
+/// pick and cost nothing for replicas nobody asks about. Indices are those of the caller's
+/// [`PoolSnapshot`]; every query takes the caller's snapshot
+/// [`version`](PoolSnapshot::version) and answers "not over budget" when the membership has
+/// changed since, so a stale advice never blocks a pick.
+#[derive(Clone)]
 pub struct SloAdvice {
-    version: u64,
+    source: Arc<dyn WaitSource>,
     budget: Duration,
     sticky: StickyPolicy,
-    waits: Vec<Option<Duration>>,
+}
+
+impl std::fmt::Debug for SloAdvice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SloAdvice")
+            .field("budget", &self.budget)
+            .field("sticky", &self.sticky)
+            .finish()
+    }
+}
+
+/// Live waits of a pool's replicas.
+pub(crate) trait WaitSource: Send + Sync + 'static {
+    /// The estimated wait of replica `index` of the snapshot with `version`, if that is still
+    /// the current membership and the replica is eligible.
+    fn wait(&self, version: u64, index: usize) -> Option<Duration>;
+}
+
+impl<B: Send + Sync + 'static> WaitSource for Shared<B> {
+    fn wait(&self, version: u64, index: usize) -> Option<Duration> {
+        let snap = self.pool.load();
+        if snap.version() != version {
+            return None;
+        }
+        let r = snap.replicas().get(index)?;
+        r.state().is_eligible().then(|| {
+            self.estimator
+                .estimate(r, snap.slow_start(), Instant::now())
+                .wait
+        })
+    }
 }
 
 impl SloAdvice {
-    /// The wait budget that applied to the request.
+    /// The wait budget that applies to the request (its priority's).
     pub fn budget(&self) -> Duration {
         self.budget
     }
@@ -146,26 +178,21 @@ impl SloAdvice {
         self.sticky
     }
 
-    /// The membership version the indices refer to.
-    pub fn snapshot_version(&self) -> u64 {
-        self.version
-    }
-
-    /// The estimated wait of replica `index`, if it was eligible (and `version` matches).
+    /// The estimated wait of replica `index` now, if it is eligible (and `version` is the
+    /// current membership).
     pub fn estimated_wait(&self, version: u64, index: usize) -> Option<Duration> {
-        if version != self.version {
-            return None;
-        }
-        self.waits.get(index).copied().flatten()
+        self.source.wait(version, index)
     }
 
-    /// Whether replica `index` is over the budget.
+    /// Whether replica `index` is over the budget now.
     pub fn is_over_budget(&self, version: u64, index: usize) -> bool {
         self.estimated_wait(version, index)
             .is_some_and(|w| w > self.budget)
     }
 
-    /// Whether a session homed on replica `home` should move, under the sticky policy.
+    /// Whether a session homed on replica `home` should move, under the sticky policy (the
+    /// affinity layer then places it on a replica that is not over budget, or keeps it home if
+    /// every candidate is).
     pub fn should_leave_home(&self, version: u64, home: usize) -> bool {
         match self.estimated_wait(version, home) {
             Some(w) if w > self.budget => match self.sticky {
@@ -191,8 +218,12 @@ pub(crate) struct Shared<B> {
     pub(crate) estimator: WaitEstimator,
     pub(crate) budgets: [Duration; 3],
     pub(crate) sticky: StickyPolicy,
+    pub(crate) advise: bool,
     pub(crate) retry_after: (Duration, Duration),
     pub(crate) queue: Option<(Arc<AdmissionQueue>, QueueSettings)>,
+    /// Wakes the queue's head when an admitted request finishes (shared, so registering it on a
+    /// request does not allocate an observer).
+    pub(crate) notifier: Option<Arc<queue::QueueNotifier>>,
     pub(crate) autoscale: Option<AutoscaleSignal>,
 }
 
@@ -209,7 +240,7 @@ fn locate<'s, B>(snap: &'s PoolSnapshot<B>, d: &Decision) -> Option<(usize, &'s 
     snap.get(d.replica().as_str())
 }
 
-impl<B> Shared<B> {
+impl<B: Send + Sync + 'static> Shared<B> {
     pub(crate) fn budget(&self, p: Priority) -> Duration {
         self.budgets[queue::lane(p)]
     }
@@ -217,7 +248,7 @@ impl<B> Shared<B> {
     /// Checks capacity for `req` at `now`, applying the sticky policy to a decided request and
     /// leaving [`SloAdvice`] for undecided ones.
     pub(crate) fn evaluate<Req: RouteRequest>(
-        &self,
+        self: &Arc<Self>,
         req: &mut Req,
         priority: Priority,
         now: Instant,
@@ -225,8 +256,22 @@ impl<B> Shared<B> {
         let snap = self.pool.load();
         let budget = self.budget(priority);
         let slow = snap.slow_start();
+        // A decided replica within budget: nothing else to look at.
+        let home = req
+            .decision()
+            .and_then(|d| locate(&snap, d))
+            .filter(|(_, r)| r.state().is_eligible())
+            .map(|(_, r)| self.estimator.estimate(r, slow, now).wait);
+        if let Some(home_w) = home {
+            if home_w <= budget {
+                return Verdict::Admit { wait: home_w };
+            }
+        }
+        // Without a decision, the scan stops at the first replica within budget (at the first
+        // idle one when the autoscaler wants the best wait); the advice answers the picking
+        // layers' questions later, for the replicas they ask about.
+        let early_exit = home.is_none();
         let mut best: Option<(usize, Duration)> = None;
-        let mut any_over = false;
         for &i in snap.eligible() {
             let i = i as usize;
             let r = &snap.replicas()[i];
@@ -234,9 +279,11 @@ impl<B> Shared<B> {
                 continue;
             }
             let w = self.estimator.estimate(r, slow, now).wait;
-            any_over |= w > budget;
             if best.is_none_or(|(_, b)| w < b) {
                 best = Some((i, w));
+            }
+            if early_exit && w <= budget && (self.autoscale.is_none() || w.is_zero()) {
+                break;
             }
         }
         let Some((best_i, best_w)) = best else {
@@ -245,18 +292,11 @@ impl<B> Shared<B> {
                 wait: Duration::ZERO,
             };
         };
-        if let Some((_, home)) = req
-            .decision()
-            .and_then(|d| locate(&snap, d))
-            .filter(|(_, r)| r.state().is_eligible())
-        {
-            let home_w = self.estimator.estimate(home, slow, now).wait;
-            if home_w <= budget {
-                return Verdict::Admit { wait: home_w };
-            }
-            if best_w > budget {
-                return Verdict::Over { best: best_w };
-            }
+        if best_w > budget {
+            return Verdict::Over { best: best_w };
+        }
+        if let Some(home_w) = home {
+            // The home is over budget, another replica is not: the sticky policy decides.
             let stay = match self.sticky {
                 StickyPolicy::Spill => false,
                 StickyPolicy::Wait { max_wait } => home_w <= max_wait,
@@ -274,24 +314,11 @@ impl<B> Shared<B> {
             ));
             return Verdict::Admit { wait: best_w };
         }
-        if best_w > budget {
-            return Verdict::Over { best: best_w };
-        }
-        if any_over {
-            let waits = snap
-                .replicas()
-                .iter()
-                .map(|r| {
-                    r.state()
-                        .is_eligible()
-                        .then(|| self.estimator.estimate(r, slow, now).wait)
-                })
-                .collect();
+        if self.advise {
             req.extensions_mut().insert(SloAdvice {
-                version: snap.version(),
+                source: self.clone(),
                 budget,
                 sticky: self.sticky,
-                waits,
             });
         }
         Verdict::Admit { wait: best_w }

@@ -5,9 +5,10 @@ use tokio::time::Instant;
 
 use crate::context::Priority;
 use crate::error::RouteError;
+use crate::inflight::CompletionObserver;
 use crate::request::RouteRequest;
 use crate::shed::future::ShedFuture;
-use crate::shed::queue::{lane, Push, QueueNotifier, Waiter};
+use crate::shed::queue::{lane, Push, Waiter};
 use crate::shed::{Shared, Verdict};
 
 /// SLO shedding in front of `S`; made by [`ShedLayer`](super::ShedLayer).
@@ -39,8 +40,8 @@ impl<S, B> Shed<S, B> {
 
 /// Registers the queue's wake-up on an admitted request.
 pub(crate) fn on_admit<B, Req: RouteRequest>(shared: &Shared<B>, req: &mut Req) {
-    if let Some((q, _)) = &shared.queue {
-        req.add_completion_observer(Arc::new(QueueNotifier(q.clone())));
+    if let Some(n) = &shared.notifier {
+        req.add_completion_observer(n.clone() as Arc<dyn CompletionObserver>);
     }
 }
 
@@ -49,6 +50,7 @@ where
     S: tower::Service<Req> + Clone,
     S::Error: Into<RouteError>,
     Req: RouteRequest,
+    B: Send + Sync + 'static,
 {
     type Response = S::Response;
     type Error = RouteError;
