@@ -7,7 +7,7 @@
 //!
 //! - **Active checks**: [`HealthChecker`] probes each replica through
 //!   [`Backend::probe`](crate::backend::Backend::probe) (for
-//!   [`HttpReplica`](crate::http_backend::HttpReplica), `GET /health`) every `interval`, with a
+//!   `http_backend::HttpReplica` under feature `http-backend`, `GET /health`) every `interval`, with a
 //!   timeout; `unhealthy_threshold` failed probes in a row mark a replica
 //!   [`Unhealthy`](crate::pool::Health::Unhealthy), `healthy_threshold` passed probes re-admit it.
 //!   The same task scrapes [`Backend::load_report`](crate::backend::Backend::load_report) (vLLM's

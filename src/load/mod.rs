@@ -5,7 +5,7 @@
 //! own scheduler queue, and how full its KV cache is. vLLM publishes these on its Prometheus
 //! `/metrics` endpoint; [`prometheus`] reads that text into a [`LoadReport`].
 //!
-//! The report type is the backend's [`LoadReport`](crate::backend::LoadReport), re-exported here.
+//! The report type is the backend's [`LoadReport`], re-exported here.
 //! A report is a snapshot taken at [`LoadReport::observed_at`]: it goes stale, and consumers
 //! (the wait estimate in the shedding layer) ignore reports older than a configured age.
 //! Prefix-cache counters, which only matter to dashboards, come separately in

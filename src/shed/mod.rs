@@ -40,17 +40,17 @@
 //!   reads it (`req.extensions().get::<SloAdvice>()`) and asks
 //!   [`SloAdvice::should_leave_home`] for the session's home, and [`SloAdvice::is_over_budget`]
 //!   for spill candidates; the waits are estimated when asked, for those replicas only;
-//! - when a [`Decision`](crate::decision::Decision) is already made (affinity placed above
+//! - when a [`Decision`] is already made (affinity placed above
 //!   shedding, or the application decided), the layer itself moves a decided replica that is
 //!   over budget to the replica with the least estimated wait, with reason
-//!   [`DecisionReason::Spill`](crate::decision::DecisionReason::Spill), if the policy says so.
+//!   [`DecisionReason::Spill`], if the policy says so.
 //!
 //! # Metrics
 //! `replica_router_shed_total{reason, priority}` (reason: `over_budget`, `queue_full`,
 //! `queue_timeout`, `evicted`), `replica_router_admission_queue_depth`,
 //! `replica_router_admission_queue_wait_seconds`, `replica_router_sticky_spill_total`. With
 //! [`ShedLayer::autoscale`], every admitted request's wait and every shed feed an
-//! [`AutoscaleSignal`](crate::autoscale::AutoscaleSignal).
+//! [`AutoscaleSignal`].
 //!
 //! # Example
 //! ```
