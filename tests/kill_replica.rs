@@ -286,3 +286,47 @@ async fn killed_replica_is_ejected_and_nothing_unstarted_is_lost() {
         s.kill();
     }
 }
+
+/// `HttpReplica::vllm_load` scrapes `/metrics` over a real socket into the replica's state, and
+/// the health checker stores what it read.
+#[tokio::test(flavor = "current_thread")]
+async fn http_replica_scrapes_vllm_metrics() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            conns.spawn(async move {
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let body = if req.uri().path() == "/metrics" {
+                        &include_bytes!("fixtures/vllm_metrics.txt")[..]
+                    } else {
+                        &b"ok"[..]
+                    };
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(body))))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    let replica = HttpReplica::new(&url, default_client::<Full<Bytes>>(4))
+        .unwrap()
+        .vllm_load(
+            replica_router::load::prometheus::VllmParser::new().model_name("org/llama \"3\"\\70b"),
+        );
+    let pool = Pool::builder()
+        .replica("v", ReplicaSpec::new("m"), replica)
+        .build()
+        .unwrap();
+    let checker = HealthChecker::new(pool.clone(), HealthCheckConfig::default());
+    assert_eq!(checker.scrape_round().await, 1);
+    let report = pool.snapshot().replicas()[0].state().load_report().unwrap();
+    assert_eq!((report.running, report.waiting), (8, 1));
+    assert_eq!(report.kv_usage, Some(0.375));
+    server.abort();
+}
