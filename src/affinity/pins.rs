@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -99,15 +100,51 @@ pub trait PinTable: Send + Sync + 'static {
 
     /// Removes the pin if it still points at `replica`.
     fn unpin<'a>(&'a self, session: &'a RouteKey, replica: &'a ReplicaId) -> PinFuture<'a, ()>;
+
+    /// [`get`](PinTable::get) with owned arguments, for callers (the affinity layer's response
+    /// future) that must keep a pending lookup beyond the borrow.
+    ///
+    /// The default boxes a future that calls `get`; remote tables need not override it.
+    /// In-memory tables override it to answer [`PinFuture::Ready`] without allocating.
+    fn get_owned(self: Arc<Self>, session: RouteKey) -> PinFuture<'static, Option<ReplicaId>> {
+        PinFuture::Pending(Box::pin(async move { self.get(&session).await }))
+    }
+
+    /// [`pin`](PinTable::pin) with owned arguments (see [`get_owned`](PinTable::get_owned)).
+    fn pin_owned(
+        self: Arc<Self>,
+        session: RouteKey,
+        replica: ReplicaId,
+        ttl: Duration,
+    ) -> PinFuture<'static, ()> {
+        PinFuture::Pending(Box::pin(
+            async move { self.pin(&session, &replica, ttl).await },
+        ))
+    }
 }
 
 /// Default upper bound on pins held by a [`MemoryPinTable`].
 pub const DEFAULT_MAX_PINS: usize = 1 << 20;
 
+/// How often a [`MemoryPinTable`] sweeps out expired pins while it is being written to.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Name of the gauge a [`MemoryPinTable`] keeps at its number of pins (expired ones included
+/// until the next sweep, at most [`SWEEP_INTERVAL`] after a write).
+pub const PINS_LIVE_GAUGE: &str = "replica_router_affinity_pins_live";
+
+struct PinMap {
+    map: HashMap<RouteKey, (ReplicaId, Instant)>,
+    next_sweep: Instant,
+}
+
 /// An in-process pin table with TTLs and a size bound.
 ///
 /// When full, expired pins are swept; if it is still full, the pins closest to expiry (the
 /// longest idle) are evicted, an eighth of the table at a time, so the cost is amortized.
+/// Expired pins are also swept at most every [`SWEEP_INTERVAL`] on writes, and the gauge
+/// [`PINS_LIVE_GAUGE`] follows the table's size (register a `metrics` recorder before building
+/// the table: the handle is taken once, at construction).
 ///
 /// ```
 /// use replica_router::affinity::pins::{MemoryPinTable, PinTable};
@@ -123,10 +160,19 @@ pub const DEFAULT_MAX_PINS: usize = 1 << 20;
 /// assert_eq!(pins.get(&key).await.unwrap(), Some(r));
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct MemoryPinTable {
     max: usize,
-    map: Mutex<HashMap<RouteKey, (ReplicaId, Instant)>>,
+    inner: Mutex<PinMap>,
+    gauge: metrics::Gauge,
+}
+
+impl std::fmt::Debug for MemoryPinTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPinTable")
+            .field("max", &self.max)
+            .field("len", &self.len())
+            .finish()
+    }
 }
 
 impl MemoryPinTable {
@@ -134,13 +180,22 @@ impl MemoryPinTable {
     pub fn new(max_pins: usize) -> Self {
         MemoryPinTable {
             max: max_pins.max(1),
-            map: Mutex::new(HashMap::new()),
+            inner: Mutex::new(PinMap {
+                map: HashMap::new(),
+                next_sweep: Instant::now() + SWEEP_INTERVAL,
+            }),
+            gauge: metrics::gauge!(PINS_LIVE_GAUGE),
         }
+    }
+
+    /// The size bound.
+    pub fn capacity(&self) -> usize {
+        self.max
     }
 
     /// Pins held now (expired ones included until swept).
     pub fn len(&self) -> usize {
-        self.map.lock().len()
+        self.inner.lock().map.len()
     }
 
     /// Whether no pin is held.
@@ -152,7 +207,7 @@ impl MemoryPinTable {
     pub fn counts(&self) -> HashMap<ReplicaId, usize> {
         let now = Instant::now();
         let mut out = HashMap::new();
-        for (r, exp) in self.map.lock().values() {
+        for (r, exp) in self.inner.lock().map.values() {
             if *exp > now {
                 *out.entry(r.clone()).or_insert(0) += 1;
             }
@@ -182,6 +237,46 @@ impl MemoryPinTable {
             }
         });
     }
+
+    fn lookup(&self, session: &RouteKey) -> Option<ReplicaId> {
+        let now = Instant::now();
+        let inner = self.inner.lock();
+        inner
+            .map
+            .get(session)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(r, _)| r.clone())
+    }
+
+    fn insert(&self, session: &RouteKey, replica: &ReplicaId, ttl: Duration) {
+        let now = Instant::now();
+        let expires = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365));
+        let mut inner = self.inner.lock();
+        if now >= inner.next_sweep {
+            inner.map.retain(|_, (_, exp)| *exp > now);
+            inner.next_sweep = now + SWEEP_INTERVAL;
+        }
+        match inner.map.get_mut(session) {
+            Some(slot) => *slot = (replica.clone(), expires),
+            None => {
+                Self::make_room(&mut inner.map, self.max, now);
+                inner
+                    .map
+                    .insert(session.clone(), (replica.clone(), expires));
+            }
+        }
+        self.gauge.set(inner.map.len() as f64);
+    }
+
+    fn remove(&self, session: &RouteKey, replica: &ReplicaId) {
+        let mut inner = self.inner.lock();
+        if inner.map.get(session).is_some_and(|(r, _)| r == replica) {
+            inner.map.remove(session);
+        }
+        self.gauge.set(inner.map.len() as f64);
+    }
 }
 
 impl Default for MemoryPinTable {
@@ -192,13 +287,7 @@ impl Default for MemoryPinTable {
 
 impl PinTable for MemoryPinTable {
     fn get<'a>(&'a self, session: &'a RouteKey) -> PinFuture<'a, Option<ReplicaId>> {
-        let now = Instant::now();
-        let map = self.map.lock();
-        let found = map
-            .get(session)
-            .filter(|(_, exp)| *exp > now)
-            .map(|(r, _)| r.clone());
-        PinFuture::ready(Ok(found))
+        PinFuture::ready(Ok(self.lookup(session)))
     }
 
     fn pin<'a>(
@@ -207,23 +296,26 @@ impl PinTable for MemoryPinTable {
         replica: &'a ReplicaId,
         ttl: Duration,
     ) -> PinFuture<'a, ()> {
-        let now = Instant::now();
-        let expires = now
-            .checked_add(ttl)
-            .unwrap_or(now + Duration::from_secs(86_400 * 365));
-        let mut map = self.map.lock();
-        if !map.contains_key(session) {
-            Self::make_room(&mut map, self.max, now);
-        }
-        map.insert(session.clone(), (replica.clone(), expires));
+        self.insert(session, replica, ttl);
         PinFuture::ready(Ok(()))
     }
 
     fn unpin<'a>(&'a self, session: &'a RouteKey, replica: &'a ReplicaId) -> PinFuture<'a, ()> {
-        let mut map = self.map.lock();
-        if map.get(session).is_some_and(|(r, _)| r == replica) {
-            map.remove(session);
-        }
+        self.remove(session, replica);
+        PinFuture::ready(Ok(()))
+    }
+
+    fn get_owned(self: Arc<Self>, session: RouteKey) -> PinFuture<'static, Option<ReplicaId>> {
+        PinFuture::ready(Ok(self.lookup(&session)))
+    }
+
+    fn pin_owned(
+        self: Arc<Self>,
+        session: RouteKey,
+        replica: ReplicaId,
+        ttl: Duration,
+    ) -> PinFuture<'static, ()> {
+        self.insert(&session, &replica, ttl);
         PinFuture::ready(Ok(()))
     }
 }

@@ -73,7 +73,10 @@
 //!
 //! Every call returns a typed [`StoreError`]; stores bound every call with a timeout so a caller
 //! never hangs on a dead store. The failure *policy* (admit or reject when the store is down)
-//! belongs to the caller.
+//! belongs to the caller. A timeout is ambiguous: the command may still reach the store and be
+//! applied after the caller gave up (a reconnecting client sends what it had queued), so a
+//! timed-out `take` can count once even though the caller saw an error. Counts therefore err on
+//! the side of the quota, never past it.
 
 mod error;
 mod key;

@@ -1,0 +1,373 @@
+use std::ops::Deref;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use metrics::Counter;
+use tokio::time::Instant;
+
+use crate::affinity::future::{AffinityFuture, PinWrite, Waiting};
+use crate::affinity::pins::{PinError, PinFuture, PinTable};
+use crate::affinity::ring::{
+    key_hash, place_bounded, place_least_loaded, BalanceFactor, Bound, LoadView, Placement, Ring,
+    SnapshotView,
+};
+use crate::affinity::spread::TenantSpread;
+use crate::affinity::{AffinityKey, DECISIONS_COUNTER, PIN_ERRORS_COUNTER, RING_REBUILDS_COUNTER};
+use crate::balance::no_replica;
+use crate::context::{RouteContext, RouteKey};
+use crate::decision::{Decision, DecisionReason};
+use crate::error::{KeyKind, RouteError};
+use crate::pool::{LoadMeasure, Pool, PoolSnapshot};
+use crate::replica::ReplicaId;
+use crate::request::RouteRequest;
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) key: AffinityKey,
+    pub(crate) factor: BalanceFactor,
+    pub(crate) pinned_overload_factor: f64,
+    pub(crate) pin_ttl: Duration,
+    pub(crate) max_key_len: usize,
+    pub(crate) measure: LoadMeasure,
+    pub(crate) vnodes_per_weight: u32,
+}
+
+/// Metric handles, registered once per layer.
+pub(crate) struct Metrics {
+    home: Counter,
+    spill: Counter,
+    failover: Counter,
+    pub(crate) pin_errors: Counter,
+    rebuilds: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Metrics {
+            home: metrics::counter!(DECISIONS_COUNTER, "reason" => "home"),
+            spill: metrics::counter!(DECISIONS_COUNTER, "reason" => "spill"),
+            failover: metrics::counter!(DECISIONS_COUNTER, "reason" => "failover"),
+            pin_errors: metrics::counter!(PIN_ERRORS_COUNTER),
+            rebuilds: metrics::counter!(RING_REBUILDS_COUNTER),
+        }
+    }
+
+    fn decision(&self, reason: DecisionReason) {
+        match reason {
+            DecisionReason::Home => self.home.increment(1),
+            DecisionReason::Spill => self.spill.increment(1),
+            DecisionReason::Failover => self.failover.increment(1),
+            _ => {}
+        }
+    }
+}
+
+struct RingEntry {
+    version: u64,
+    ring: Ring,
+}
+
+/// State shared by an [`AffinityLayer`](super::AffinityLayer) and its services.
+pub(crate) struct Shared<B> {
+    pool: Pool<B>,
+    pub(crate) settings: Settings,
+    pub(crate) pins: Arc<dyn PinTable>,
+    ring: ArcSwapOption<RingEntry>,
+    spread: Option<TenantSpread>,
+    pub(crate) metrics: Metrics,
+}
+
+/// A decision and the pin write it needs, if that write is still pending.
+pub(crate) struct Routed {
+    pub(crate) decision: Decision,
+    pub(crate) write: Option<PinWrite>,
+}
+
+/// The key a request is placed by, and what the layer needs to place it.
+pub(crate) struct Keyed {
+    pub(crate) key: RouteKey,
+    pub(crate) tenant: Option<RouteKey>,
+    pub(crate) cost: f64,
+}
+
+impl<B> Shared<B> {
+    pub(crate) fn new(
+        pool: Pool<B>,
+        settings: Settings,
+        pins: Arc<dyn PinTable>,
+        spread: Option<TenantSpread>,
+    ) -> Self {
+        Shared {
+            pool,
+            settings,
+            pins,
+            ring: ArcSwapOption::empty(),
+            spread,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// The affinity key of a request: `Ok(None)` when it has none (or an empty one).
+    pub(crate) fn keyed(&self, ctx: Option<&RouteContext>) -> Result<Option<Keyed>, RouteError> {
+        let Some(ctx) = ctx else { return Ok(None) };
+        fn pick(k: &Option<RouteKey>, kind: KeyKind) -> Option<(&RouteKey, KeyKind)> {
+            k.as_ref()
+                .filter(|k| !k.as_bytes().is_empty())
+                .map(|k| (k, kind))
+        }
+        let found = match self.settings.key {
+            AffinityKey::Session => pick(&ctx.session, KeyKind::Session),
+            AffinityKey::User => pick(&ctx.user, KeyKind::User),
+            AffinityKey::SessionThenUser => {
+                pick(&ctx.session, KeyKind::Session).or_else(|| pick(&ctx.user, KeyKind::User))
+            }
+        };
+        let Some((key, kind)) = found else {
+            return Ok(None);
+        };
+        if key.as_bytes().len() > self.settings.max_key_len {
+            return Err(RouteError::InvalidKey {
+                kind,
+                detail: "longer than the affinity layer's maximum",
+            });
+        }
+        let cost = match self.settings.measure {
+            LoadMeasure::InFlightRequests => 1.0,
+            LoadMeasure::InFlightTokens => ctx.estimated_tokens.max(1) as f64,
+        };
+        let tenant = if self.spread.is_some() {
+            ctx.tenant.clone()
+        } else {
+            None
+        };
+        Ok(Some(Keyed {
+            key: key.clone(),
+            tenant,
+            cost,
+        }))
+    }
+
+    /// Runs `f` on the ring of `snapshot`'s membership, rebuilding it if the version changed.
+    fn with_ring<T>(&self, snapshot: &PoolSnapshot<B>, f: impl FnOnce(&Ring) -> T) -> T {
+        let version = snapshot.version();
+        {
+            let current = self.ring.load();
+            if let Some(entry) = current.deref() {
+                if entry.version == version {
+                    return f(&entry.ring);
+                }
+            }
+        }
+        let built = Arc::new(RingEntry {
+            version,
+            ring: Ring::from_snapshot(snapshot, self.settings.vnodes_per_weight),
+        });
+        self.metrics.rebuilds.increment(1);
+        // Never replace a newer ring with an older one (two requests may race across a change).
+        self.ring.rcu(|cur| match cur {
+            Some(e) if e.version > version => Some(e.clone()),
+            _ => Some(built.clone()),
+        });
+        f(&built.ring)
+    }
+
+    /// Walks the ring from the key: the first eligible replica with room (and, with a tenant
+    /// cap, within the cap), else within the bound ignoring the cap, else the least loaded.
+    fn place(
+        &self,
+        snapshot: &PoolSnapshot<B>,
+        view: &SnapshotView<'_, B>,
+        bound: &Bound,
+        keyed: &Keyed,
+        exclude: Option<usize>,
+    ) -> Option<Placement> {
+        let hash = key_hash(keyed.key.as_bytes());
+        let allowed = |i: usize| Some(i) != exclude;
+        self.with_ring(snapshot, |ring| {
+            if let (Some(spread), Some(tenant)) = (&self.spread, &keyed.tenant) {
+                let bucket = spread.bucket(tenant.as_bytes());
+                let mut guard = spread.lock(snapshot, Instant::now());
+                let total = guard.total(bucket);
+                let placed = place_bounded(ring, hash, bound, view, |i| {
+                    allowed(i) && guard.allows(bucket, total, i)
+                })
+                .or_else(|| place_bounded(ring, hash, bound, view, allowed))
+                .or_else(|| place_least_loaded(ring, hash, bound, view, allowed));
+                if let Some(p) = placed {
+                    guard.record(bucket, p.replica);
+                }
+                placed
+            } else {
+                place_bounded(ring, hash, bound, view, allowed)
+                    .or_else(|| place_least_loaded(ring, hash, bound, view, allowed))
+            }
+        })
+    }
+
+    /// Decides where a keyed request goes, given what the pin table said, and starts the pin
+    /// write.
+    ///
+    /// - Pinned to an eligible replica: stay (reason `Home`), unless it is past
+    ///   `pinned_overload_factor x` the load bound; then walk on (`Spill`).
+    /// - Pinned to a replica that is gone, unhealthy, ejected or draining: walk the ring from
+    ///   the key (`Failover`).
+    /// - No pin, or the pin table failed: walk the ring from the key (`Home`, `Spill`, or
+    ///   `Failover` when the ring home itself is not eligible).
+    pub(crate) fn decide(
+        &self,
+        keyed: &Keyed,
+        pinned: Result<Option<ReplicaId>, PinError>,
+    ) -> Result<Routed, RouteError> {
+        let snapshot = self.pool.load();
+        let snap: &PoolSnapshot<B> = &snapshot;
+        let view = SnapshotView::new(snap, self.settings.measure);
+        let Some(bound) = Bound::over(&view, snap.len(), self.settings.factor, keyed.cost) else {
+            return Err(no_replica(snap));
+        };
+        let store_up = match &pinned {
+            Ok(_) => true,
+            Err(_) => {
+                self.metrics.pin_errors.increment(1);
+                false
+            }
+        };
+        let pinned = pinned.ok().flatten();
+        let (index, reason) = match pinned.as_ref().map(|id| snap.get(id.as_str())) {
+            Some(Some((i, r))) if r.state().is_eligible() => {
+                let cap = self.settings.pinned_overload_factor * bound.capacity(view.weight(i));
+                if view.load(i) + bound.cost() <= cap {
+                    (i, DecisionReason::Home)
+                } else {
+                    match self.place(snap, &view, &bound, keyed, Some(i)) {
+                        Some(p) => (p.replica, DecisionReason::Spill),
+                        None => (i, DecisionReason::Home),
+                    }
+                }
+            }
+            Some(_) => {
+                let p = self
+                    .place(snap, &view, &bound, keyed, None)
+                    .ok_or_else(|| no_replica(snap))?;
+                (p.replica, DecisionReason::Failover)
+            }
+            None => {
+                let p = self
+                    .place(snap, &view, &bound, keyed, None)
+                    .ok_or_else(|| no_replica(snap))?;
+                (p.replica, p.reason)
+            }
+        };
+        self.metrics.decision(reason);
+        let id = snap.replicas()[index].id().clone();
+        let decision = Decision::at_slot(id.clone(), reason, snap.version(), index);
+        let write = if store_up {
+            match self
+                .pins
+                .clone()
+                .pin_owned(keyed.key.clone(), id, self.settings.pin_ttl)
+            {
+                PinFuture::Ready(Some(Ok(()))) => None,
+                PinFuture::Ready(_) => {
+                    self.metrics.pin_errors.increment(1);
+                    None
+                }
+                pending => Some(PinWrite::new(pending, self.metrics.pin_errors.clone())),
+            }
+        } else {
+            None
+        };
+        Ok(Routed { decision, write })
+    }
+}
+
+/// Session affinity with bounded loads; made by [`AffinityLayer`](super::AffinityLayer).
+pub struct Affinity<S, B> {
+    inner: S,
+    shared: Arc<Shared<B>>,
+}
+
+impl<S: Clone, B> Clone for Affinity<S, B> {
+    fn clone(&self) -> Self {
+        Affinity {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, B> std::fmt::Debug for Affinity<S, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Affinity")
+            .field("inner", &self.inner)
+            .field("settings", &self.shared.settings)
+            .finish()
+    }
+}
+
+impl<S, B> Affinity<S, B> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<B>>) -> Self {
+        Affinity { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, B, Req> tower::Service<Req> for Affinity<S, B>
+where
+    S: tower::Service<Req> + Clone,
+    S::Error: Into<RouteError>,
+    Req: RouteRequest,
+{
+    type Response = S::Response;
+    type Error = RouteError;
+    type Future = AffinityFuture<S, Req, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        if req.decision().is_some() {
+            return AffinityFuture::inner(self.inner.call(req), None);
+        }
+        let keyed = match self.shared.keyed(req.route_context()) {
+            Ok(Some(k)) => k,
+            Ok(None) => return AffinityFuture::inner(self.inner.call(req), None),
+            Err(e) => return AffinityFuture::failed(e),
+        };
+        match self.shared.pins.clone().get_owned(keyed.key.clone()) {
+            PinFuture::Ready(pinned) => {
+                let pinned = pinned.unwrap_or_else(|| {
+                    Err(PinError::Store("lookup polled after completion".into()))
+                });
+                match self.shared.decide(&keyed, pinned) {
+                    Ok(routed) => {
+                        req.set_decision(routed.decision);
+                        AffinityFuture::inner(self.inner.call(req), routed.write)
+                    }
+                    Err(e) => AffinityFuture::failed(e),
+                }
+            }
+            pending => {
+                // The lookup is remote: keep the readied service for later, leave a clone here.
+                let clone = self.inner.clone();
+                let service = std::mem::replace(&mut self.inner, clone);
+                AffinityFuture::lookup(
+                    pending,
+                    Waiting {
+                        service,
+                        req,
+                        keyed,
+                        shared: self.shared.clone(),
+                    },
+                )
+            }
+        }
+    }
+}
