@@ -522,3 +522,116 @@ async fn slo_advice_is_left_for_the_picking_layer() {
         "stale advice never blocks"
     );
 }
+
+mod queue_properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    struct Arrival {
+        gap_ms: u64,
+        priority: Priority,
+        hold_ms: u64,
+    }
+
+    fn arrival() -> impl Strategy<Value = Arrival> {
+        (
+            0u64..60,
+            prop_oneof![
+                Just(Priority::Batch),
+                Just(Priority::Standard),
+                Just(Priority::Interactive)
+            ],
+            1u64..120,
+        )
+            .prop_map(|(gap_ms, priority, hold_ms)| Arrival {
+                gap_ms,
+                priority,
+                hold_ms,
+            })
+    }
+
+    /// (priority, arrived, ended waiting at, admitted?) in ms since start.
+    type Record = (Priority, u64, u64, bool);
+
+    fn run(arrivals: Vec<Arrival>, capacity: usize, max_wait_ms: u64) -> (Vec<Record>, Vec<u64>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let pool = pool(1);
+            // One slot: over budget as soon as one request is in flight.
+            let svc = stack(
+                &pool,
+                ShedLayer::new(pool.clone())
+                    .budget(BUDGET)
+                    .estimator(estimator().slots_per_weight(1.0))
+                    .queue(capacity, Duration::from_millis(max_wait_ms)),
+            );
+            let start = Instant::now();
+            let records = Arc::new(Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for a in arrivals {
+                tokio::time::sleep(Duration::from_millis(a.gap_ms)).await;
+                let mut svc = svc.clone();
+                let records = records.clone();
+                tasks.push(tokio::spawn(async move {
+                    let arrived = start.elapsed().as_millis() as u64;
+                    let r = svc
+                        .ready()
+                        .await
+                        .unwrap()
+                        .call(with_priority(a.priority))
+                        .await;
+                    let ended = start.elapsed().as_millis() as u64;
+                    records.lock().push((a.priority, arrived, ended, r.is_ok()));
+                    if let Ok(resp) = r {
+                        tokio::time::sleep(Duration::from_millis(a.hold_ms)).await;
+                        drop(resp);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let records = records.lock().clone();
+            (records, in_flight(&pool))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn nobody_waits_past_the_deadline_and_admission_follows_priority(
+            arrivals in prop::collection::vec(arrival(), 1..40),
+            capacity in 1usize..8,
+            max_wait_ms in 20u64..400,
+        ) {
+            let (records, left) = run(arrivals, capacity, max_wait_ms);
+            prop_assert_eq!(left, vec![0]);
+            prop_assert!(records.iter().any(|r| r.3), "someone is served");
+            for &(_, arrived, ended, _) in &records {
+                // Nobody waits past the deadline.
+                prop_assert!(ended - arrived <= max_wait_ms, "{arrived} -> {ended}");
+            }
+            for &(pa, arr_a, t, ok) in &records {
+                if !ok {
+                    continue;
+                }
+                // When A was admitted, nobody of higher priority, nor of its priority and older,
+                // was still waiting.
+                for &(pb, arr_b, end_b, _) in &records {
+                    let waiting = arr_b < t && end_b > t;
+                    let ahead = pb > pa || (pb == pa && arr_b < arr_a);
+                    prop_assert!(
+                        !(waiting && ahead),
+                        "admitted {pa:?} (arrived {arr_a}) at {t} while {pb:?} (arrived {arr_b}) waited until {end_b}"
+                    );
+                }
+            }
+        }
+    }
+}
