@@ -17,6 +17,13 @@
 //! - [`decision::Decision`]: which replica and why, carried in the request's extensions from the
 //!   picking layer to [`dispatch::Dispatch`], then on the response.
 //! - [`inflight`]: a request stays in flight until its response body ends (streaming-safe).
+//! - [`shed`]: SLO shedding: a fast 429 when every replica's estimated queue wait is past the
+//!   budget, an optional prioritized admission queue, and the wait-or-spill choice for sticky
+//!   sessions.
+//! - [`health`]: active probes, outlier ejection with back-off, slow-start re-admission, failover
+//!   of requests whose replica died before answering, drain.
+//! - [`load`]: the engines' own load (vLLM's Prometheus `/metrics`) for the wait estimate.
+//! - [`autoscale`]: scale out / hold / scale in from p95 queue wait, utilization and shed rate.
 //!
 //! ## A stack, outermost first
 //! ```
