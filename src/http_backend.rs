@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,8 +19,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::backend::{Backend, BoxFuture};
+use crate::backend::{Backend, BoxFuture, LoadReport};
 use crate::error::BoxError;
+use crate::load::prometheus::VllmParser;
 
 /// Errors from building an [`HttpReplica`].
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,7 @@ pub struct HttpReplica<B = Full<Bytes>> {
     prefix: String,
     client: HttpClient<B>,
     probe_timeout: Duration,
+    load_parser: Option<Arc<VllmParser>>,
 }
 
 impl<B> Clone for HttpReplica<B> {
@@ -73,6 +76,7 @@ impl<B> Clone for HttpReplica<B> {
             prefix: self.prefix.clone(),
             client: self.client.clone(),
             probe_timeout: self.probe_timeout,
+            load_parser: self.load_parser.clone(),
         }
     }
 }
@@ -114,7 +118,15 @@ where
             prefix,
             client,
             probe_timeout: Duration::from_secs(2),
+            load_parser: None,
         })
+    }
+
+    /// Reads the replica's load from vLLM's `GET {base}/metrics` with `parser` (see
+    /// [`load::prometheus`](crate::load::prometheus)); without this, the replica reports no load.
+    pub fn vllm_load(mut self, parser: VllmParser) -> Self {
+        self.load_parser = Some(Arc::new(parser));
+        self
     }
 
     /// How long a health probe or metrics scrape may take.
@@ -237,6 +249,20 @@ where
             } else {
                 Err(format!("health probe answered {status}").into())
             }
+        })
+    }
+
+    fn load_report(&self) -> BoxFuture<'static, Result<Option<LoadReport>, BoxError>> {
+        let Some(parser) = self.load_parser.clone() else {
+            return Box::pin(std::future::ready(Ok(None)));
+        };
+        let this = self.clone();
+        Box::pin(async move {
+            let (status, body) = this.get("/metrics").await?;
+            if !status.is_success() {
+                return Err(format!("metrics scrape answered {status}").into());
+            }
+            Ok(Some(parser.parse(&body, tokio::time::Instant::now())?))
         })
     }
 }

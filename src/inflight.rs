@@ -154,6 +154,9 @@ impl Drop for InFlightGuard {
             }
             Outcome::Cancelled => self.state.record_cancel(),
         }
+        // Release the counters first, so observers (admission queues waiting for capacity) see
+        // the replica without this request.
+        self.state.end(self.tokens);
         if let Some(observers) = self.observers.take() {
             let completion = Completion {
                 replica: self.state.id(),
@@ -169,7 +172,6 @@ impl Drop for InFlightGuard {
                 o.on_complete(&completion);
             }
         }
-        self.state.end(self.tokens);
     }
 }
 

@@ -39,7 +39,13 @@
 //!    reason [`Failover`](crate::decision::DecisionReason::Failover), and is re-pinned there.
 //!    When a replica comes back, only sessions without a live pin go to it (new sessions, or
 //!    ones whose ring home it is): live sessions stay where they are, so nothing thrashes.
-//! 6. **Pin-table failures** (a remote store down or timing out) never fail a request: the
+//! 6. **Wait budget.** With a [`ShedLayer`](crate::shed::ShedLayer) above, each request
+//!    carries an [`SloAdvice`](crate::shed::SloAdvice): a replica whose estimated queue wait is
+//!    over the budget is avoided while another will do, and a session pinned to such a replica
+//!    follows the shedding layer's [`StickyPolicy`](crate::shed::StickyPolicy): spill (replay
+//!    the prefill elsewhere, reason `spill`) or wait at home up to a bound. It only leaves home
+//!    for a replica that is within budget.
+//! 7. **Pin-table failures** (a remote store down or timing out) never fail a request: the
 //!    layer falls back to pure ring placement (which every gateway computes the same way), skips
 //!    the pin write, and counts the error in [`PIN_ERRORS_COUNTER`].
 //!

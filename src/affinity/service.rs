@@ -22,6 +22,7 @@ use crate::error::{KeyKind, RouteError};
 use crate::pool::{LoadMeasure, Pool, PoolSnapshot};
 use crate::replica::ReplicaId;
 use crate::request::RouteRequest;
+use crate::shed::SloAdvice;
 
 /// Validated settings.
 #[derive(Debug, Clone)]
@@ -91,6 +92,8 @@ pub(crate) struct Keyed {
     pub(crate) key: RouteKey,
     pub(crate) tenant: Option<RouteKey>,
     pub(crate) cost: f64,
+    /// The shedding layer's advice, when one sits above: replicas it says to leave are avoided.
+    pub(crate) advice: Option<SloAdvice>,
 }
 
 impl<B> Shared<B> {
@@ -147,6 +150,7 @@ impl<B> Shared<B> {
             key: key.clone(),
             tenant,
             cost,
+            advice: None,
         }))
     }
 
@@ -185,7 +189,17 @@ impl<B> Shared<B> {
         exclude: Option<usize>,
     ) -> Option<Placement> {
         let hash = key_hash(keyed.key.as_bytes());
-        let allowed = |i: usize| Some(i) != exclude;
+        let version = snapshot.version();
+        // Replicas the shedding layer says to leave (over the wait budget, under its sticky
+        // policy) are avoided while another will do; the final fallback ignores the advice.
+        let advised = |i: usize| {
+            keyed
+                .advice
+                .as_ref()
+                .is_none_or(|a| !a.should_leave_home(version, i))
+        };
+        let allowed = |i: usize| Some(i) != exclude && advised(i);
+        let any = |i: usize| Some(i) != exclude;
         self.with_ring(snapshot, |ring| {
             if let (Some(spread), Some(tenant)) = (&self.spread, &keyed.tenant) {
                 let bucket = spread.bucket(tenant.as_bytes());
@@ -195,7 +209,8 @@ impl<B> Shared<B> {
                     allowed(i) && guard.allows(bucket, total, i)
                 })
                 .or_else(|| place_bounded(ring, hash, bound, view, allowed))
-                .or_else(|| place_least_loaded(ring, hash, bound, view, allowed));
+                .or_else(|| place_least_loaded(ring, hash, bound, view, allowed))
+                .or_else(|| place_least_loaded(ring, hash, bound, view, any));
                 if let Some(p) = placed {
                     guard.record(bucket, p.replica);
                 }
@@ -203,6 +218,7 @@ impl<B> Shared<B> {
             } else {
                 place_bounded(ring, hash, bound, view, allowed)
                     .or_else(|| place_least_loaded(ring, hash, bound, view, allowed))
+                    .or_else(|| place_least_loaded(ring, hash, bound, view, any))
             }
         })
     }
@@ -238,12 +254,24 @@ impl<B> Shared<B> {
         let (index, reason) = match pinned.as_ref().map(|id| snap.get(id.as_str())) {
             Some(Some((i, r))) if r.state().is_eligible() => {
                 let cap = self.settings.pinned_overload_factor * bound.capacity(view.weight(i));
-                if view.load(i) + bound.cost() <= cap {
+                let leave = keyed
+                    .advice
+                    .as_ref()
+                    .is_some_and(|a| a.should_leave_home(snap.version(), i));
+                if !leave && view.load(i) + bound.cost() <= cap {
                     (i, DecisionReason::Home)
                 } else {
+                    // Leaving for the SLO only pays if the new replica is not over it too.
+                    let worth = |j: usize| {
+                        !leave
+                            || keyed
+                                .advice
+                                .as_ref()
+                                .is_none_or(|a| !a.should_leave_home(snap.version(), j))
+                    };
                     match self.place(snap, &view, &bound, keyed, Some(i)) {
-                        Some(p) => (p.replica, DecisionReason::Spill),
-                        None => (i, DecisionReason::Home),
+                        Some(p) if worth(p.replica) => (p.replica, DecisionReason::Spill),
+                        _ => (i, DecisionReason::Home),
                     }
                 }
             }
@@ -337,7 +365,10 @@ where
             return AffinityFuture::inner(self.inner.call(req), None);
         }
         let keyed = match self.shared.keyed(req.route_context()) {
-            Ok(Some(k)) => k,
+            Ok(Some(mut k)) => {
+                k.advice = req.extensions().get::<SloAdvice>().cloned();
+                k
+            }
             Ok(None) => return AffinityFuture::inner(self.inner.call(req), None),
             Err(e) => return AffinityFuture::failed(e),
         };

@@ -1,0 +1,39 @@
+//! Per-replica gauges.
+
+use tokio::time::Instant;
+
+use crate::pool::{Health, PoolSnapshot};
+use crate::shed::WaitEstimator;
+
+/// Sets the per-replica gauges for every member of `snapshot`, labelled `replica`:
+///
+/// - `replica_router_replica_in_flight` and `replica_router_replica_in_flight_tokens`;
+/// - `replica_router_replica_estimated_wait_seconds` (by `estimator`);
+/// - `replica_router_replica_health`: 0 healthy, 1 unhealthy, 2 ejected;
+/// - `replica_router_replica_draining`: 1 while draining;
+/// - `replica_router_replica_weight_factor`: the slow-start ramp, 1.0 when not ramping.
+///
+/// Replica ids are operator-chosen and few, so they are safe as labels (tenants never are).
+pub fn record_pool_metrics<B>(snapshot: &PoolSnapshot<B>, estimator: &WaitEstimator, now: Instant) {
+    for r in snapshot.replicas() {
+        let s = r.state();
+        let id = r.id().to_string();
+        let health = match s.health() {
+            Health::Healthy => 0.0,
+            Health::Unhealthy => 1.0,
+            Health::Ejected => 2.0,
+        };
+        let wait = estimator.estimate(r, snapshot.slow_start(), now).wait;
+        metrics::gauge!("replica_router_replica_in_flight", "replica" => id.clone())
+            .set(s.in_flight() as f64);
+        metrics::gauge!("replica_router_replica_in_flight_tokens", "replica" => id.clone())
+            .set(s.in_flight_tokens() as f64);
+        metrics::gauge!("replica_router_replica_estimated_wait_seconds", "replica" => id.clone())
+            .set(wait.as_secs_f64());
+        metrics::gauge!("replica_router_replica_health", "replica" => id.clone()).set(health);
+        metrics::gauge!("replica_router_replica_draining", "replica" => id.clone())
+            .set(if s.is_draining() { 1.0 } else { 0.0 });
+        metrics::gauge!("replica_router_replica_weight_factor", "replica" => id)
+            .set(s.ramp_factor(snapshot.slow_start(), now));
+    }
+}
