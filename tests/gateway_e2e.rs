@@ -633,3 +633,50 @@ async fn openai_python_client() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn slo_shedding_answers_429_when_every_replica_is_past_its_wait_budget() {
+    // Real speed: each of these requests would take ~50 s to finish.
+    let reps = replicas(1, 1.0).await;
+    let gw = gateway(&reps, &["--slo-wait-ms", "10", "--policy", "least-loaded"]).await;
+    let c = client();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let c = c.clone();
+        let req = Request::post(format!("http://{}/v1/chat/completions", gw.local_addr()))
+            .body(Full::new(Bytes::from(chat(
+                "write a long essay",
+                2000,
+                false,
+            ))))
+            .unwrap();
+        held.push(tokio::spawn(async move { c.request(req).await }));
+    }
+    for _ in 0..500 {
+        if total_in_flight(&gw) == 16 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(total_in_flight(&gw), 16);
+    // 16 in flight fill the 16 slots the estimator assumes: a new request would wait ~1/16 of a
+    // (default 1 s) service time, past the 10 ms budget.
+    let resp = post(&c, &gw, "/v1/chat/completions", &[], chat("x", 1, false)).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(body_json(resp).await["error"]["type"], "overloaded");
+    // The clients give up: everything in flight is released, and requests are admitted again.
+    for h in held {
+        h.abort();
+    }
+    for _ in 0..500 {
+        if total_in_flight(&gw) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(total_in_flight(&gw), 0);
+    let resp = post(&c, &gw, "/v1/chat/completions", &[], chat("x", 1, false)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    gw.shutdown().await;
+}

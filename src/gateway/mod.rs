@@ -22,6 +22,10 @@
 //!   (`--tenant-header`) to its quota across every gateway sharing the `--counter-store`.
 //! - Routing errors map through [`RouteError`](crate::error::RouteError): 503 when no replica is
 //!   eligible, 429 with `Retry-After` when shed or over quota, 502 when the replica fails.
+//! - Replicas are probed in the background (`GET /health`; two failures in a row take a replica
+//!   out until two successes) and their vLLM `/metrics` are read for the engines' own running and
+//!   waiting counts ([`health`](crate::health)). With `--slo-wait-ms`, the [`shed`](crate::shed)
+//!   layer answers 429 with `Retry-After` when every replica's estimated wait is past the budget.
 //! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
 //!   [`Gateway::bind_with_metrics`]; the library itself never installs a recorder) followed by
 //!   per-replica gauges read from the pool. `GET /health`: 200 while a replica is eligible, else 503.
@@ -68,6 +72,7 @@ pub use crate::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
 
 use self::service::{ConnState, Counters, Shared};
 use crate::error::PoolError;
+use crate::health::{HealthCheckConfig, HealthCheckHandle, HealthChecker};
 use crate::http_backend::HttpReplicaError;
 use crate::pool::Pool;
 use crate::replica::ReplicaSpec;
@@ -98,6 +103,7 @@ pub enum GatewayError {
 pub struct Gateway {
     addr: SocketAddr,
     pool: Pool<Upstream>,
+    _health: HealthCheckHandle,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -155,6 +161,7 @@ impl Gateway {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, shared, stopped));
         Ok(Gateway {
+            _health: health(&pool),
             addr,
             pool,
             stop: Some(stop),
@@ -222,6 +229,7 @@ impl Gateway {
             }
         });
         Ok(Gateway {
+            _health: health(&pool),
             addr,
             pool,
             stop: Some(stop),
@@ -259,18 +267,6 @@ impl Drop for Gateway {
     }
 }
 
-impl GatewayConfig {
-    /// Flags that were given but that no layer in this build acts on yet (the layers for shedding,
-    /// quotas and affinity land separately); the example warns about them.
-    pub fn inactive_flags(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.slo_wait.is_some() {
-            v.push("--slo-wait-ms");
-        }
-        v
-    }
-}
-
 async fn shared(
     cfg: &GatewayConfig,
     pool: &Pool<Upstream>,
@@ -297,6 +293,12 @@ async fn shared(
         counters: Counters::new(),
         replica_headers,
     }))
+}
+
+/// Active health checks (`GET /health`) and engine load scrapes (`GET /metrics`) in the
+/// background, for as long as the gateway lives.
+fn health(pool: &Pool<Upstream>) -> HealthCheckHandle {
+    HealthChecker::new(pool.clone(), HealthCheckConfig::default()).spawn()
 }
 
 fn http_builder() -> hyper::server::conn::http1::Builder {

@@ -34,8 +34,10 @@ use crate::affinity::pins::PinTable;
 use crate::affinity::{
     Affinity, AffinityFuture, AffinityKey, AffinityLayer, AFFINITY_HEADER, REPLICA_HEADER,
 };
-use crate::quota::{Quota, QuotaConfig, QuotaFuture, QuotaLayer, TenantLimits};
+use crate::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
+use crate::shed::{Shed, ShedLayer};
 use crate::store::{MemoryStore, RateQuota};
+use tower::util::Either;
 
 pub use super::upstream::Upstream;
 /// The request type inside the stack.
@@ -98,53 +100,14 @@ impl tower::Service<UpstreamRequest> for Picker {
     }
 }
 
-/// The tenant-quota layer over the picker, when quotas are configured.
-#[derive(Debug, Clone)]
-pub(crate) enum Admit {
-    Quota(Quota<Picker>),
-    Open(Picker),
-}
+/// SLO shedding over the picker, when `--slo-wait-ms` is set.
+pub(crate) type Admission = Either<Shed<Picker, Upstream>, Picker>;
+/// The tenant quota over shedding, when `--tenant-rate` or `--tenant-tokens` is set.
+pub(crate) type Quotas = Either<Quota<Admission>, Admission>;
 
-/// The future of [`Admit`].
-#[pin_project(project = AdmitFutureProj)]
-pub(crate) enum AdmitFuture {
-    Quota(#[pin] QuotaFuture<Picker, UpstreamRequest>),
-    Open(#[pin] PickerFuture),
-}
-
-impl Future for AdmitFuture {
-    type Output = Result<UpstreamResponse, RouteError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            AdmitFutureProj::Quota(f) => f.poll(cx),
-            AdmitFutureProj::Open(f) => f.poll(cx),
-        }
-    }
-}
-
-impl tower::Service<UpstreamRequest> for Admit {
-    type Response = UpstreamResponse;
-    type Error = RouteError;
-    type Future = AdmitFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RouteError>> {
-        match self {
-            Admit::Quota(s) => s.poll_ready(cx),
-            Admit::Open(s) => s.poll_ready(cx),
-        }
-    }
-
-    fn call(&mut self, req: UpstreamRequest) -> AdmitFuture {
-        match self {
-            Admit::Quota(s) => AdmitFuture::Quota(s.call(req)),
-            Admit::Open(s) => AdmitFuture::Open(s.call(req)),
-        }
-    }
-}
-
-/// The whole routing stack, outermost first: route context -> tenant quota -> picker -> dispatch.
-pub(crate) type Stack = RouteContextService<Admit, HeaderExtractor>;
+/// The whole routing stack, outermost first: route context -> tenant quota -> SLO shedding ->
+/// picker (affinity over least-in-flight, or least-in-flight, or round-robin) -> dispatch.
+pub(crate) type Stack = RouteContextService<Quotas, HeaderExtractor>;
 
 /// The layers whose state may live in the counter store: the tenant quota (if `--tenant-rate` or
 /// `--tenant-tokens` is set) and the session pin table (in Redis with `--counter-store redis://`,
@@ -235,13 +198,20 @@ pub(crate) fn build_stack(
         Policy::LeastLoaded => Picker::Least(least()),
         Policy::RoundRobin => Picker::Rotate(RoundRobin::new(dispatch.clone(), pool.clone())),
     };
-    let admit = match layers.quota {
-        Some(q) => Admit::Quota(tower::Layer::layer(&q, picker)),
-        None => Admit::Open(picker),
+    let admission = match cfg.slo_wait {
+        Some(budget) => Either::Left(tower::Layer::layer(
+            &ShedLayer::new(pool.clone()).budget(budget),
+            picker,
+        )),
+        None => Either::Right(picker),
+    };
+    let quotas = match layers.quota {
+        Some(q) => Either::Left(tower::Layer::layer(&q, admission)),
+        None => Either::Right(admission),
     };
     Ok(tower::Layer::layer(
         &crate::context::RouteContextLayer::new(extractor),
-        admit,
+        quotas,
     ))
 }
 

@@ -349,7 +349,28 @@ impl tower::Service<Request<Full<Bytes>>> for Upstream {
     }
 }
 
+/// Probes `GET /health`; reads the engine's own load (running, waiting, KV usage) from vLLM's
+/// `GET /metrics`, which the SLO shedding layer's wait estimate uses while it is fresh.
 impl Backend for Upstream {
+    fn load_report(
+        &self,
+    ) -> BoxFuture<'static, Result<Option<crate::backend::LoadReport>, BoxError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let (status, body) = this.get("/metrics", Duration::from_secs(2)).await?;
+            if !status.is_success() {
+                return Ok(None);
+            }
+            match crate::load::prometheus::VllmParser::new()
+                .parse(&body, tokio::time::Instant::now())
+            {
+                Ok(report) => Ok(Some(report)),
+                // Not a vLLM-style engine (no running/waiting gauges): no report.
+                Err(_) => Ok(None),
+            }
+        })
+    }
+
     fn probe(&self) -> BoxFuture<'static, Result<(), BoxError>> {
         let this = self.clone();
         Box::pin(async move {
