@@ -57,13 +57,6 @@ async fn run(cfg: GatewayConfig, shards: usize) -> ExitCode {
             None
         }
     };
-    let inactive = cfg.inactive_flags();
-    if !inactive.is_empty() {
-        eprintln!(
-            "note: not acted on in this build yet: {}",
-            inactive.join(", ")
-        );
-    }
     let gateway = match Gateway::bind_sharded(cfg.clone(), shards, render).await {
         Ok(g) => g,
         Err(e) => {
