@@ -44,16 +44,9 @@ impl Body for GatewayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            GatewayBodyProj::Upstream(mut b) => {
-                let polled = b.as_mut().poll_frame(cx);
-                if matches!(polled, Poll::Ready(Some(Ok(_)))) && b.is_end_stream() {
-                    // hyper stops polling a body that says it has ended, so the tracked body would
-                    // never see its end and would count the request as cancelled: take the end now
-                    // (an ended body answers at once).
-                    let _ = b.as_mut().poll_frame(cx);
-                }
-                polled.map_err(Into::into)
-            }
+            // The tracked body finishes its request as soon as the upstream body says it has
+            // ended (hyper stops polling then), so no extra poll is needed here.
+            GatewayBodyProj::Upstream(b) => b.poll_frame(cx).map_err(Into::into),
             GatewayBodyProj::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
