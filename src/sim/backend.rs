@@ -1,0 +1,197 @@
+//! The request, backend and response types that put a [`MockEngine`] behind the crate's stack.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::sync::watch;
+
+use crate::backend::Backend;
+use crate::decision::Decision;
+use crate::inflight::{InFlightGuard, Outcome};
+use crate::mock::{MockEngine, MockError, MockEvent, MockRequest, MockResponse};
+use crate::request::{RouteRequest, RouteResponse};
+
+/// A non-HTTP request the routing layers can route: a [`MockRequest`] and the extensions the
+/// layers read and write (route context, decision).
+#[derive(Debug)]
+pub struct SimRequest {
+    extensions: http::Extensions,
+    /// The request the engine serves.
+    pub mock: MockRequest,
+}
+
+impl SimRequest {
+    /// Wraps `mock` with empty extensions.
+    pub fn new(mock: MockRequest) -> Self {
+        SimRequest {
+            extensions: http::Extensions::new(),
+            mock,
+        }
+    }
+}
+
+impl RouteRequest for SimRequest {
+    fn extensions(&self) -> &http::Extensions {
+        &self.extensions
+    }
+
+    fn extensions_mut(&mut self) -> &mut http::Extensions {
+        &mut self.extensions
+    }
+}
+
+/// Why a simulated replica failed a request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The replica was killed (the failure scenario); its requests and streams break.
+    #[error("replica is down")]
+    ReplicaDown,
+    /// The engine refused the request or stopped.
+    #[error(transparent)]
+    Engine(#[from] MockError),
+}
+
+/// A replica of the simulation: a [`MockEngine`] that can be killed.
+///
+/// Killing it ([`kill`](Self::kill)) breaks every request waiting on it and every response
+/// stream still open (they end with [`SimError::ReplicaDown`], which dispatch counts as a
+/// failure) and fails new requests at once, as a crashed server would.
+#[derive(Debug, Clone)]
+pub struct SimBackend {
+    engine: MockEngine,
+    down: Arc<watch::Sender<bool>>,
+}
+
+impl SimBackend {
+    /// Wraps `engine`.
+    pub fn new(engine: MockEngine) -> Self {
+        SimBackend {
+            engine,
+            down: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// The engine (its counters are the prefix-cache statistics of the run).
+    pub fn engine(&self) -> &MockEngine {
+        &self.engine
+    }
+
+    /// Kills the replica.
+    pub fn kill(&self) {
+        self.down.send_replace(true);
+    }
+
+    /// Whether the replica was killed.
+    pub fn is_down(&self) -> bool {
+        *self.down.borrow()
+    }
+}
+
+impl Backend for SimBackend {}
+
+/// Waits until `down` says the replica is down (never, if its sender is gone).
+async fn wait_down(down: &mut watch::Receiver<bool>) {
+    if down.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl tower::Service<SimRequest> for SimBackend {
+    type Response = SimResponse;
+    type Error = SimError;
+    type Future = Pin<Box<dyn Future<Output = Result<SimResponse, SimError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: SimRequest) -> Self::Future {
+        let mut down = self.down.subscribe();
+        if *down.borrow_and_update() {
+            return Box::pin(std::future::ready(Err(SimError::ReplicaDown)));
+        }
+        let call = tower::Service::call(&mut self.engine, req.mock);
+        Box::pin(async move {
+            tokio::select! {
+                biased;
+                () = wait_down(&mut down) => Err(SimError::ReplicaDown),
+                r = call => Ok(SimResponse { events: r?, down }),
+            }
+        })
+    }
+}
+
+/// A replica's answer as it arrives: resolved at the first token for streamed requests.
+#[derive(Debug)]
+pub struct SimResponse {
+    events: MockResponse,
+    down: watch::Receiver<bool>,
+}
+
+impl RouteResponse for SimResponse {
+    type Tracked = SimStream;
+
+    fn is_failure(&self) -> bool {
+        false
+    }
+
+    fn track(self, guard: InFlightGuard, extensions: http::Extensions) -> SimStream {
+        SimStream {
+            events: self.events,
+            down: self.down,
+            guard: Some(guard),
+            extensions,
+        }
+    }
+}
+
+/// A response stream as the client sees it after dispatch: the engine's events, with the
+/// request kept in flight on its replica until the last event (or a failure, or a drop).
+#[derive(Debug)]
+pub struct SimStream {
+    events: MockResponse,
+    down: watch::Receiver<bool>,
+    guard: Option<InFlightGuard>,
+    extensions: http::Extensions,
+}
+
+impl SimStream {
+    /// The routing decision (which replica, and why).
+    pub fn decision(&self) -> Option<&Decision> {
+        self.extensions.get::<Decision>()
+    }
+
+    /// The next event; `Ok(None)` after [`MockEvent::Done`]. A killed replica ends the stream
+    /// with [`SimError::ReplicaDown`] at its next event (running sequences produce one every
+    /// engine step, so the client notices within a step, as it would a reset connection).
+    pub async fn next_event(&mut self) -> Result<Option<MockEvent>, SimError> {
+        if self.guard.is_none() {
+            return Ok(None);
+        }
+        let next = self.events.next_event().await;
+        if *self.down.borrow() {
+            self.end(Outcome::Failure);
+            return Err(SimError::ReplicaDown);
+        }
+        match next {
+            Some(MockEvent::Done(usage)) => {
+                self.end(Outcome::Success);
+                Ok(Some(MockEvent::Done(usage)))
+            }
+            Some(token) => Ok(Some(token)),
+            None => {
+                self.end(Outcome::Failure);
+                Err(SimError::Engine(MockError::Stopped))
+            }
+        }
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        if let Some(mut g) = self.guard.take() {
+            g.finish(outcome);
+        }
+    }
+}
