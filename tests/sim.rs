@@ -35,8 +35,15 @@ fn run(scenario: &Scenario, workload: &Workload, policy: Policy) -> PolicyReport
     };
     let r = simulate(scenario, workload, policy, &options).expect("valid scenario");
     eprintln!(
-        "{policy}: ttft p50 {:?} p95 {:?}, hit {:.3}, in-flight max/mean {:.2}, {:?}",
-        r.ttft.p50, r.ttft.p95, r.prefix_hit_rate, r.load_imbalance, r.reasons
+        "{policy}: ttft p50 {:?} p95 {:?}, hit {:.3}, in-flight max/mean {:.2}, {:?}, \
+         aborted {}, retries {}",
+        r.ttft.p50,
+        r.ttft.p95,
+        r.prefix_hit_rate,
+        r.load_imbalance,
+        r.reasons,
+        r.aborted,
+        r.retries
     );
     r
 }
@@ -134,19 +141,36 @@ fn failed_replica_gets_nothing_and_its_sessions_fail_over() {
 
 #[test]
 fn a_run_is_deterministic() {
+    // A failure that breaks streams and queued requests at one instant: the order in which
+    // their clients wake and retry must not vary between runs (nor with other runs on other
+    // threads at the same time).
     let cfg = WorkloadConfig {
-        sessions: 40,
-        users: 10,
-        arrival_window: Duration::from_secs(60),
+        sessions: 200,
+        users: 50,
+        arrival_window: Duration::from_secs(200),
         ..WorkloadConfig::default()
     };
     let w = Workload::generate(&cfg, 9, BLOCK);
-    let s = scenario(Scenario::failure(3, Duration::from_secs(30)));
-    for policy in [Policy::LeastLoaded, Policy::BOUNDED_USER] {
-        let a = run(&s, &w, policy);
-        let b = run(&s, &w, policy);
+    let s = scenario(Scenario::failure(3, Duration::from_secs(150)));
+    // Round-robin is the most order-sensitive: its rotation hands each retry the next replica.
+    for policy in [
+        Policy::RoundRobin,
+        Policy::LeastLoaded,
+        Policy::BOUNDED_USER,
+    ] {
+        let (a, b) = std::thread::scope(|scope| {
+            let other = scope.spawn(|| run(&s, &w, policy));
+            (
+                run(&s, &w, policy),
+                other.join().expect("simulation panicked"),
+            )
+        });
         assert_eq!(a, b, "{policy}");
         all_done(&a);
+        assert!(
+            a.aborted + a.retries >= 2,
+            "{policy}: the failure broke nothing"
+        );
     }
 }
 

@@ -2,10 +2,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::backend::Backend;
 use crate::decision::Decision;
@@ -62,7 +63,35 @@ pub enum SimError {
 #[derive(Debug, Clone)]
 pub struct SimBackend {
     engine: MockEngine,
-    down: Arc<watch::Sender<bool>>,
+    down: Arc<Down>,
+}
+
+/// Whether a replica is down, and the requests waiting to hear it.
+///
+/// (Not a `watch` channel: tokio's watch spreads its waiters over several notifiers chosen at
+/// random, so the order in which they wake, and with it the whole run, would vary. `Notify`
+/// wakes its waiters in order.)
+#[derive(Debug, Default)]
+struct Down {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Down {
+    fn is_down(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Waits until the replica is down.
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_down() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 impl SimBackend {
@@ -70,7 +99,7 @@ impl SimBackend {
     pub fn new(engine: MockEngine) -> Self {
         SimBackend {
             engine,
-            down: Arc::new(watch::channel(false).0),
+            down: Arc::new(Down::default()),
         }
     }
 
@@ -81,23 +110,17 @@ impl SimBackend {
 
     /// Kills the replica.
     pub fn kill(&self) {
-        self.down.send_replace(true);
+        self.down.flag.store(true, Ordering::Release);
+        self.down.notify.notify_waiters();
     }
 
     /// Whether the replica was killed.
     pub fn is_down(&self) -> bool {
-        *self.down.borrow()
+        self.down.is_down()
     }
 }
 
 impl Backend for SimBackend {}
-
-/// Waits until `down` says the replica is down (never, if its sender is gone).
-async fn wait_down(down: &mut watch::Receiver<bool>) {
-    if down.wait_for(|d| *d).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
 
 impl tower::Service<SimRequest> for SimBackend {
     type Response = SimResponse;
@@ -109,15 +132,15 @@ impl tower::Service<SimRequest> for SimBackend {
     }
 
     fn call(&mut self, req: SimRequest) -> Self::Future {
-        let mut down = self.down.subscribe();
-        if *down.borrow_and_update() {
+        let down = self.down.clone();
+        if down.is_down() {
             return Box::pin(std::future::ready(Err(SimError::ReplicaDown)));
         }
         let call = tower::Service::call(&mut self.engine, req.mock);
         Box::pin(async move {
             tokio::select! {
                 biased;
-                () = wait_down(&mut down) => Err(SimError::ReplicaDown),
+                () = down.wait() => Err(SimError::ReplicaDown),
                 r = call => Ok(SimResponse { events: r?, down }),
             }
         })
@@ -128,7 +151,7 @@ impl tower::Service<SimRequest> for SimBackend {
 #[derive(Debug)]
 pub struct SimResponse {
     events: MockResponse,
-    down: watch::Receiver<bool>,
+    down: Arc<Down>,
 }
 
 impl RouteResponse for SimResponse {
@@ -153,7 +176,7 @@ impl RouteResponse for SimResponse {
 #[derive(Debug)]
 pub struct SimStream {
     events: MockResponse,
-    down: watch::Receiver<bool>,
+    down: Arc<Down>,
     guard: Option<InFlightGuard>,
     extensions: http::Extensions,
 }
@@ -172,7 +195,7 @@ impl SimStream {
             return Ok(None);
         }
         let next = self.events.next_event().await;
-        if *self.down.borrow() {
+        if self.down.is_down() {
             self.end(Outcome::Failure);
             return Err(SimError::ReplicaDown);
         }

@@ -134,6 +134,8 @@ pub struct PolicyReport {
     /// Turns served on a different replica than the session's previous turn (each one replays
     /// the conversation's prefill there, unless that replica cached it earlier).
     pub moved: u64,
+    /// Prompt tokens prefilled by the moved turns: the replayed conversation prefixes.
+    pub replayed: u64,
     /// Response streams broken by a replica failure (retried).
     pub aborted: u64,
     /// Requests that failed at dispatch (replica error or no replica) and were retried.
@@ -179,7 +181,7 @@ impl ScenarioReport {
         out.push_str(
             "| policy | TTFT p50 (s) | TTFT p95 (s) | TTFT p99 (s) | TTFT mean (s) | E2E p50 (s) \
              | E2E p95 (s) | gen tok/s | prefix hit | prefill (Mtok) | in-flight max/mean \
-             | prefill max/mean | moved turns | decisions |",
+             | prefill max/mean | moved turns (replayed Mtok) | decisions |",
         );
         if self.has_failure {
             out.push_str(" aborted streams | retries | sent to failed |");
@@ -194,7 +196,7 @@ impl ScenarioReport {
         for p in &self.policies {
             let _ = write!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1}% | {:.1} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1}% | {:.1} | {:.2} | {:.2} | {} ({:.1}) | {} |",
                 p.policy,
                 secs(p.ttft.p50),
                 secs(p.ttft.p95),
@@ -208,6 +210,7 @@ impl ScenarioReport {
                 p.load_imbalance,
                 p.work_imbalance,
                 p.moved,
+                p.replayed as f64 / 1e6,
                 p.reasons.summary(),
             );
             if self.has_failure {

@@ -107,6 +107,8 @@ struct Record {
     replica: usize,
     reason: DecisionReason,
     moved: bool,
+    /// Prompt tokens prefilled for this turn (not found in the replica's cache).
+    prefilled: u32,
 }
 
 #[derive(Default)]
@@ -311,6 +313,7 @@ async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> Sess
                             replica,
                             reason,
                             moved: last_replica.is_some_and(|r| r != replica),
+                            prefilled: usage.prompt_tokens - usage.cached_tokens,
                         });
                         last_replica = Some(replica);
                         continue 'turns;
@@ -344,6 +347,7 @@ fn summarize(
     let mut per_replica_requests = vec![0u64; backends.len()];
     let (mut moved, mut aborted, mut retries, mut abandoned, mut routed_to_failed) =
         (0, 0, 0, 0, 0);
+    let mut replayed = 0u64;
     let mut window_tokens = 0u64;
     for o in &outcomes {
         aborted += o.aborted;
@@ -353,7 +357,10 @@ fn summarize(
         for r in &o.records {
             ttfts.push(r.ttft);
             e2es.push(r.e2e);
-            moved += u64::from(r.moved);
+            if r.moved {
+                moved += 1;
+                replayed += u64::from(r.prefilled);
+            }
             if r.done_at <= window {
                 window_tokens += u64::from(r.completion_tokens);
             }
@@ -410,6 +417,7 @@ fn summarize(
         work_imbalance: imbalance(&replicas, |r| r.prefill_computed() as f64),
         reasons,
         moved,
+        replayed,
         aborted,
         retries,
         abandoned_sessions: abandoned,
