@@ -9,8 +9,11 @@
 
 use std::time::Duration;
 
+use replica_router::affinity::AffinityKey;
+use replica_router::balance::LoadMeasure;
 use replica_router::sim::{
-    simulate, Policy, PolicyReport, Scenario, SimOptions, Workload, WorkloadConfig,
+    simulate, FailurePlan, Policy, PolicyReport, Scenario, SimOptions, SimSetupError, Workload,
+    WorkloadConfig,
 };
 
 const SEED: u64 = 3;
@@ -196,4 +199,58 @@ fn weighted_routing_uses_the_bigger_replica() {
             r.replicas
         );
     }
+}
+
+#[test]
+fn bad_setups_are_typed_errors() {
+    let cfg = WorkloadConfig {
+        sessions: 5,
+        users: 2,
+        arrival_window: Duration::from_secs(5),
+        ..WorkloadConfig::default()
+    };
+    let w = Workload::generate(&cfg, 1, BLOCK);
+    let o = SimOptions::default();
+    let ok = scenario(Scenario::homogeneous(2));
+    // Blocks hashed for another block size than the engines'.
+    let err = simulate(&Scenario::homogeneous(2), &w, Policy::BOUNDED, &o).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SimSetupError::BlockSize {
+                workload: 64,
+                engine: 16
+            }
+        ),
+        "{err}"
+    );
+    // No replicas.
+    let err = simulate(
+        &scenario(Scenario::homogeneous(0)),
+        &w,
+        Policy::RoundRobin,
+        &o,
+    );
+    assert!(matches!(err, Err(SimSetupError::Pool(_))));
+    // A failure of a replica that does not exist.
+    let mut bad = ok.clone();
+    bad.failure = Some(FailurePlan {
+        replica: 7,
+        at: Duration::from_secs(1),
+    });
+    let err = simulate(&bad, &w, Policy::RoundRobin, &o);
+    assert!(matches!(err, Err(SimSetupError::FailureReplica(7))));
+    // An invalid balance factor.
+    let policy = Policy::Affinity {
+        key: AffinityKey::Session,
+        balance_factor: Some(0.5),
+        measure: LoadMeasure::InFlightRequests,
+    };
+    let err = simulate(&ok, &w, policy, &o);
+    assert!(matches!(err, Err(SimSetupError::Policy(_))));
+    // A single replica that fails: sessions give up after their attempts, counters still zero.
+    let lone = scenario(Scenario::failure(1, Duration::from_secs(2)));
+    let r = simulate(&lone, &w, Policy::BOUNDED, &o).unwrap();
+    assert_eq!(r.leftover_in_flight, 0);
+    assert!(r.abandoned_sessions > 0);
 }

@@ -59,6 +59,14 @@ pub enum SimSetupError {
     /// The failure names a replica the scenario does not have.
     #[error("the failure names replica {0}, which the scenario does not have")]
     FailureReplica(usize),
+    /// The workload's prompts were hashed for another block size than the engines use.
+    #[error("the workload has {workload}-token blocks but the engines use {engine}-token blocks")]
+    BlockSize {
+        /// The workload's block size.
+        workload: u32,
+        /// The engines' block size.
+        engine: u32,
+    },
     /// The tokio runtime could not be built.
     #[error("cannot build the runtime: {0}")]
     Runtime(#[from] std::io::Error),
@@ -90,6 +98,12 @@ pub fn simulate(
         if f.replica >= scenario.replicas.len() {
             return Err(SimSetupError::FailureReplica(f.replica));
         }
+    }
+    if workload.block_size != scenario.engine.block_size() {
+        return Err(SimSetupError::BlockSize {
+            workload: workload.block_size,
+            engine: scenario.engine.block_size(),
+        });
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -214,11 +228,11 @@ async fn run(
     drop(stack);
     let mut outcomes = Vec::with_capacity(tasks.len());
     for t in tasks {
-        outcomes.push(t.await.unwrap_or_default());
+        outcomes.push(joined(t.await));
     }
     let makespan = start.elapsed();
     done.store(true, Ordering::Relaxed);
-    let (sums, samples) = sampler.await.unwrap_or_default();
+    let (sums, samples) = joined(sampler.await);
 
     let snapshot = pool.snapshot();
     let leftover_in_flight = snapshot
@@ -236,6 +250,17 @@ async fn run(
         makespan,
         leftover_in_flight,
     ))
+}
+
+/// A task's output; a task that panicked re-raises its panic here (a bug in the simulation).
+fn joined<T: Default>(result: Result<T, tokio::task::JoinError>) -> T {
+    match result {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => T::default(),
+        },
+    }
 }
 
 async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> SessionOutcome {
