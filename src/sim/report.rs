@@ -226,6 +226,41 @@ impl ScenarioReport {
     }
 }
 
+impl ScenarioReport {
+    /// A Markdown table of the per-replica detail: for each policy and replica, the
+    /// time-averaged requests in flight, the requests served and the prefix-cache hit rate.
+    pub fn replicas_markdown(&self) -> String {
+        let mut out = String::new();
+        let Some(first) = self.policies.first() else {
+            return out;
+        };
+        out.push_str("| policy |");
+        for r in &first.replicas {
+            let _ = write!(out, " {} (w={}) |", r.id, r.weight);
+        }
+        out.push_str("\n|---|");
+        for _ in &first.replicas {
+            out.push_str("---:|");
+        }
+        out.push('\n');
+        for p in &self.policies {
+            let _ = write!(out, "| {} |", p.policy);
+            for r in &p.replicas {
+                let hit = r.prefix_hits as f64 / r.prefix_queries.max(1) as f64;
+                let _ = write!(
+                    out,
+                    " {:.1} in flight · {} req · {:.0}% hit |",
+                    r.mean_in_flight,
+                    r.requests,
+                    100.0 * hit
+                );
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
