@@ -680,3 +680,154 @@ async fn slo_shedding_answers_429_when_every_replica_is_past_its_wait_budget() {
     assert_eq!(resp.status(), StatusCode::OK);
     gw.shutdown().await;
 }
+
+/// Everything a replica was ever sent: finished, failed, cancelled, and in flight.
+fn attempts(gw: &Gateway, id: &str) -> u64 {
+    let snap = gw.pool().snapshot();
+    let (_, r) = snap.get(id).unwrap();
+    let s = r.state();
+    s.completed() + s.failed() + s.cancelled() + s.in_flight()
+}
+
+fn health_of(gw: &Gateway, id: &str) -> replica_router::pool::Health {
+    gw.pool().snapshot().get(id).unwrap().1.state().health()
+}
+
+/// One chat turn of `session`: the status, the replica and the affinity header.
+async fn turn(
+    c: &HttpClient,
+    gw: &Gateway,
+    session: &str,
+    n: usize,
+) -> (StatusCode, String, String) {
+    let headers: Vec<(&str, &str)> = if session.is_empty() {
+        Vec::new()
+    } else {
+        vec![("x-session-id", session)]
+    };
+    let resp = post(
+        c,
+        gw,
+        "/v1/chat/completions",
+        &headers,
+        chat(&format!("turn {n} of {session}"), 2, false),
+    )
+    .await;
+    let status = resp.status();
+    let h = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let (id, affinity) = (h("x-replica-id"), h("x-replica-affinity"));
+    let _ = resp.into_body().collect().await.unwrap();
+    (status, id, affinity)
+}
+
+#[tokio::test]
+async fn sessions_on_a_replica_shut_down_between_turns_fail_over_once_then_stay() {
+    let mut reps = replicas(3, 1000.0).await;
+    let gw = gateway(&reps, &["--policy", "affinity"]).await;
+    let c = client();
+    let sessions: Vec<String> = (0..24).map(|i| format!("chat-{i}")).collect();
+    let mut placed = Vec::new();
+    for s in &sessions {
+        let (status, id, affinity) = turn(&c, &gw, s, 0).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(affinity, "home");
+        placed.push(id);
+    }
+    // The replica holding the most sessions dies between turns (its server is shut down; the
+    // background probes have not noticed yet).
+    let victim_idx = (0..reps.len())
+        .max_by_key(|&i| {
+            let a = reps[i].local_addr().to_string();
+            placed.iter().filter(|p| **p == a).count()
+        })
+        .unwrap();
+    let victim = reps[victim_idx].local_addr().to_string();
+    let on_victim = placed.iter().filter(|p| **p == victim).count();
+    assert!(on_victim > 0);
+    reps.remove(victim_idx).shutdown().await;
+
+    // Turn 2: every session answers; the dead replica's sessions fail over (once), the others
+    // stay home.
+    let mut moved = 0;
+    for (s, before) in sessions.iter().zip(placed.iter_mut()) {
+        let (status, id, affinity) = turn(&c, &gw, s, 1).await;
+        assert_eq!(status, StatusCode::OK, "session {s}");
+        if *before == victim {
+            assert_eq!(affinity, "failover", "session {s}");
+            assert_ne!(id, victim);
+            moved += 1;
+        } else {
+            assert_eq!(affinity, "home", "session {s}");
+            assert_eq!(&id, before, "session {s}");
+        }
+        *before = id;
+    }
+    assert_eq!(moved, on_victim);
+    // Turns 3 and 4: every session is home on its (new) replica.
+    for n in 2..4 {
+        for (s, before) in sessions.iter().zip(&placed) {
+            let (status, id, affinity) = turn(&c, &gw, s, n).await;
+            assert_eq!(status, StatusCode::OK, "session {s}");
+            assert_eq!(affinity, "home", "session {s} turn {n}");
+            assert_eq!(&id, before, "session {s} turn {n}");
+        }
+    }
+    assert_eq!(total_in_flight(&gw), 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_shut_down_replica_is_failed_over_then_ejected_under_every_policy() {
+    for policy in ["affinity", "least-loaded", "round-robin"] {
+        let mut reps = replicas(2, 1000.0).await;
+        let gw = gateway(&reps, &["--policy", policy]).await;
+        let c = client();
+        for n in 0..4 {
+            assert_eq!(turn(&c, &gw, "", n).await.0, StatusCode::OK);
+        }
+        let victim = reps[0].local_addr().to_string();
+        reps.remove(0).shutdown().await;
+        // New sessions (hashed anywhere) and unkeyed requests: none is lost, and the dead
+        // replica's failures eject it.
+        let mut sent = 0;
+        let mut failovers = 0;
+        while health_of(&gw, &victim) != replica_router::pool::Health::Ejected {
+            assert!(sent < 200, "{policy}: {victim} never ejected");
+            let session = if sent % 2 == 0 {
+                format!("new-{sent}")
+            } else {
+                String::new()
+            };
+            let (status, id, affinity) = turn(&c, &gw, &session, sent).await;
+            assert_eq!(status, StatusCode::OK, "{policy}: request {sent}");
+            assert_ne!(id, victim, "{policy}");
+            failovers += usize::from(affinity == "failover");
+            sent += 1;
+        }
+        assert!(failovers >= 5, "{policy}: {failovers} failovers");
+        // Ejected: no traffic reaches it afterwards.
+        let before = attempts(&gw, &victim);
+        for n in 0..20 {
+            let session = if n % 2 == 0 {
+                format!("later-{n}")
+            } else {
+                String::new()
+            };
+            let (status, id, affinity) = turn(&c, &gw, &session, n).await;
+            assert_eq!(status, StatusCode::OK, "{policy}");
+            assert_ne!(id, victim, "{policy}");
+            if session.is_empty() {
+                // Not retried. (A new session whose ring home is the ejected replica is placed
+                // elsewhere with reason `failover`: that is affinity's own word, not a retry.)
+                assert_ne!(affinity, "failover", "{policy}");
+            }
+        }
+        assert_eq!(attempts(&gw, &victim), before, "{policy}");
+        gw.shutdown().await;
+    }
+}

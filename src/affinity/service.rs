@@ -292,22 +292,36 @@ impl<B> Shared<B> {
         let id = snap.replicas()[index].id().clone();
         let decision = Decision::at_slot(id.clone(), reason, snap.version(), index);
         let write = if store_up {
-            match self
-                .pins
-                .clone()
-                .pin_owned(keyed.key.clone(), id, self.settings.pin_ttl)
-            {
-                PinFuture::Ready(Some(Ok(()))) => None,
-                PinFuture::Ready(_) => {
-                    self.metrics.pin_errors.increment(1);
-                    None
-                }
-                pending => Some(PinWrite::new(pending, self.metrics.pin_errors.clone())),
-            }
+            self.pin(keyed.key.clone(), id)
         } else {
             None
         };
         Ok(Routed { decision, write })
+    }
+
+    /// Starts writing the pin `key -> id`; `None` when the write is done (or failed, counted).
+    fn pin(&self, key: RouteKey, id: ReplicaId) -> Option<PinWrite> {
+        match self.pins.clone().pin_owned(key, id, self.settings.pin_ttl) {
+            PinFuture::Ready(Some(Ok(()))) => None,
+            PinFuture::Ready(_) => {
+                self.metrics.pin_errors.increment(1);
+                None
+            }
+            pending => Some(PinWrite::new(pending, self.metrics.pin_errors.clone())),
+        }
+    }
+
+    /// A request that arrives decided with reason `Failover` (a
+    /// [`FailoverLayer`](crate::health::FailoverLayer) retry after its replica failed): its
+    /// session moves to the new replica, so the next turns go there as `Home`.
+    pub(crate) fn repin_failover(
+        &self,
+        ctx: Option<&RouteContext>,
+        to: &Decision,
+    ) -> Option<PinWrite> {
+        let keyed = self.keyed(ctx).ok().flatten()?;
+        self.metrics.decision(DecisionReason::Failover);
+        self.pin(keyed.key, to.replica().clone())
     }
 }
 
@@ -361,8 +375,13 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        if req.decision().is_some() {
-            return AffinityFuture::inner(self.inner.call(req), None);
+        if let Some(d) = req.decision() {
+            let write = if d.reason() == DecisionReason::Failover {
+                self.shared.repin_failover(req.route_context(), d)
+            } else {
+                None
+            };
+            return AffinityFuture::inner(self.inner.call(req), write);
         }
         let keyed = match self.shared.keyed(req.route_context()) {
             Ok(Some(mut k)) => {

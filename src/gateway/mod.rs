@@ -21,7 +21,16 @@
 //! - With `--tenant-rate` / `--tenant-tokens`, the [`quota`](crate::quota) layer holds each tenant
 //!   (`--tenant-header`) to its quota across every gateway sharing the `--counter-store`.
 //! - Routing errors map through [`RouteError`](crate::error::RouteError): 503 when no replica is
-//!   eligible, 429 with `Retry-After` when shed or over quota, 502 when the replica fails.
+//!   eligible, 429 with `Retry-After` when shed or over quota, 502 when the replica fails and no
+//!   other replica could take the request.
+//! - A request whose replica fails before answering (refused or reset connection: the replica died
+//!   before the probes noticed) is sent again to the least loaded other replica
+//!   ([`FailoverLayer`](crate::health::FailoverLayer), up to twice; the body is buffered, so the
+//!   request is replayed byte for byte), answered with `x-replica-affinity: failover`, and its
+//!   session is re-pinned there. Every attempt feeds passive outlier detection
+//!   ([`OutlierDetector`](crate::health::OutlierDetector), default
+//!   [`OutlierConfig`](crate::health::OutlierConfig)): five failures in a row eject the replica
+//!   (30 s, doubling on each ejection in a row), so it gets no traffic until re-admitted.
 //! - Replicas are probed in the background (`GET /health`; two failures in a row take a replica
 //!   out until two successes) and their vLLM `/metrics` are read for the engines' own running and
 //!   waiting counts ([`health`](crate::health)). With `--slo-wait-ms`, the [`shed`](crate::shed)
@@ -72,7 +81,9 @@ pub use crate::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
 
 use self::service::{ConnState, Counters, Shared};
 use crate::error::PoolError;
-use crate::health::{HealthCheckConfig, HealthCheckHandle, HealthChecker};
+use crate::health::{
+    HealthCheckConfig, HealthCheckHandle, HealthChecker, OutlierConfig, OutlierDetector,
+};
 use crate::http_backend::HttpReplicaError;
 use crate::pool::Pool;
 use crate::replica::ReplicaSpec;
@@ -157,11 +168,12 @@ impl Gateway {
         render: Option<MetricsRender>,
     ) -> Result<Gateway, GatewayError> {
         let addr = listener.local_addr()?;
-        let shared = shared(cfg, &pool, render).await?;
+        let outliers = outlier_detector(&pool);
+        let shared = shared(cfg, &pool, &outliers, render).await?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, shared, stopped));
         Ok(Gateway {
-            _health: health(&pool),
+            _health: health(&pool, outliers),
             addr,
             pool,
             stop: Some(stop),
@@ -182,7 +194,8 @@ impl Gateway {
         let pool = build_pool(&cfg)?;
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
-        let shared = shared(&cfg, &pool, render).await?;
+        let outliers = outlier_detector(&pool);
+        let shared = shared(&cfg, &pool, &outliers, render).await?;
         let mut senders = Vec::new();
         let mut done = Vec::new();
         for i in 0..shards.max(1) {
@@ -229,7 +242,7 @@ impl Gateway {
             }
         });
         Ok(Gateway {
-            _health: health(&pool),
+            _health: health(&pool, outliers),
             addr,
             pool,
             stop: Some(stop),
@@ -270,6 +283,7 @@ impl Drop for Gateway {
 async fn shared(
     cfg: &GatewayConfig,
     pool: &Pool<Upstream>,
+    outliers: &OutlierDetector<Upstream>,
     render: Option<MetricsRender>,
 ) -> Result<Arc<Shared>, GatewayError> {
     let layers = service::store_layers(cfg).await?;
@@ -285,7 +299,7 @@ async fn shared(
         })
         .collect();
     Ok(Arc::new(Shared {
-        stack: service::build_stack(cfg, pool, layers)?,
+        stack: service::build_stack(cfg, pool, layers, outliers)?,
         extractor: service::extractor(cfg),
         pool: pool.clone(),
         max_body: cfg.max_body_bytes,
@@ -295,10 +309,19 @@ async fn shared(
     }))
 }
 
+/// Passive outlier detection over `pool`, fed by every request's outcome (see
+/// [`OutlierDetectionLayer`](crate::health::OutlierDetectionLayer)).
+fn outlier_detector(pool: &Pool<Upstream>) -> OutlierDetector<Upstream> {
+    OutlierDetector::new(pool.clone(), OutlierConfig::default())
+}
+
 /// Active health checks (`GET /health`) and engine load scrapes (`GET /metrics`) in the
-/// background, for as long as the gateway lives.
-fn health(pool: &Pool<Upstream>) -> HealthCheckHandle {
-    HealthChecker::new(pool.clone(), HealthCheckConfig::default()).spawn()
+/// background, for as long as the gateway lives; its rounds also re-admit the replicas `outliers`
+/// ejected once their ejection ends.
+fn health(pool: &Pool<Upstream>, outliers: OutlierDetector<Upstream>) -> HealthCheckHandle {
+    HealthChecker::new(pool.clone(), HealthCheckConfig::default())
+        .outlier_detector(outliers)
+        .spawn()
 }
 
 fn http_builder() -> hyper::server::conn::http1::Builder {

@@ -34,6 +34,9 @@ use crate::affinity::pins::PinTable;
 use crate::affinity::{
     Affinity, AffinityFuture, AffinityKey, AffinityLayer, AFFINITY_HEADER, REPLICA_HEADER,
 };
+use crate::health::{
+    Failover, FailoverLayer, OutlierDetection, OutlierDetectionLayer, OutlierDetector,
+};
 use crate::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
 use crate::shed::{Shed, ShedLayer};
 use crate::store::{MemoryStore, RateQuota};
@@ -100,13 +103,19 @@ impl tower::Service<UpstreamRequest> for Picker {
     }
 }
 
-/// SLO shedding over the picker, when `--slo-wait-ms` is set.
-pub(crate) type Admission = Either<Shed<Picker, Upstream>, Picker>;
+/// Failover over passive outlier detection over the picker: a request whose replica failed before
+/// answering (refused or reset connection) is sent again to another replica (decision reason
+/// `Failover`, so an affinity session is re-pinned there), and every attempt's outcome feeds the
+/// outlier detector, which ejects a replica that keeps failing.
+pub(crate) type Resilient = Failover<OutlierDetection<Picker>, Upstream>;
+/// SLO shedding over failover, when `--slo-wait-ms` is set.
+pub(crate) type Admission = Either<Shed<Resilient, Upstream>, Resilient>;
 /// The tenant quota over shedding, when `--tenant-rate` or `--tenant-tokens` is set.
 pub(crate) type Quotas = Either<Quota<Admission>, Admission>;
 
 /// The whole routing stack, outermost first: route context -> tenant quota -> SLO shedding ->
-/// picker (affinity over least-in-flight, or least-in-flight, or round-robin) -> dispatch.
+/// failover -> outlier detection -> picker (affinity over least-in-flight, or least-in-flight, or
+/// round-robin) -> dispatch.
 pub(crate) type Stack = RouteContextService<Quotas, HeaderExtractor>;
 
 /// The layers whose state may live in the counter store: the tenant quota (if `--tenant-rate` or
@@ -168,6 +177,7 @@ pub(crate) fn build_stack(
     cfg: &GatewayConfig,
     pool: &Pool<Upstream>,
     layers: StoreLayers,
+    outliers: &OutlierDetector<Upstream>,
 ) -> Result<Stack, GatewayError> {
     let extractor = extractor(cfg);
     let dispatch = Dispatch::new(pool.clone());
@@ -198,12 +208,18 @@ pub(crate) fn build_stack(
         Policy::LeastLoaded => Picker::Least(least()),
         Policy::RoundRobin => Picker::Rotate(RoundRobin::new(dispatch.clone(), pool.clone())),
     };
+    // Above the picker, so a retry is re-picked with the failed replica excluded; above the
+    // outlier detection, so every attempt (the failed one included) is observed.
+    let resilient = tower::Layer::layer(
+        &FailoverLayer::new(pool.clone()),
+        tower::Layer::layer(&OutlierDetectionLayer::new(outliers), picker),
+    );
     let admission = match cfg.slo_wait {
         Some(budget) => Either::Left(tower::Layer::layer(
             &ShedLayer::new(pool.clone()).budget(budget),
-            picker,
+            resilient,
         )),
-        None => Either::Right(picker),
+        None => Either::Right(resilient),
     };
     let quotas = match layers.quota {
         Some(q) => Either::Left(tower::Layer::layer(&q, admission)),
