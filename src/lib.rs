@@ -76,5 +76,6 @@ pub mod quota;
 pub mod replica;
 pub mod request;
 pub mod rng;
+pub mod rollout;
 pub mod shed;
 pub mod store;
