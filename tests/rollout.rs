@@ -1436,3 +1436,54 @@ async fn traffic_is_not_affected_while_new_replicas_load() {
         assert!(e.served.load(Ordering::SeqCst) > 0);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn rerunning_after_an_abort_takes_the_failed_replica_first() {
+    let (pool, engines) = pool_of(3, 1, 0);
+    engines[1].broken.store(true, Ordering::SeqCst);
+    let restart = |engines: Vec<Engine>, order: Arc<Mutex<Vec<usize>>>| {
+        move |replica: Arc<replica_router::pool::Replica<Engine>>| {
+            let i: usize = replica.id().as_str()[1..].parse().unwrap();
+            order.lock().push(i);
+            let engine = engines[i].clone();
+            async move {
+                engine.restart(Duration::from_secs(3));
+                Ok::<_, BoxError>(())
+            }
+        }
+    };
+    let config = RolloutConfig {
+        ready: ReadyGate {
+            timeout: Duration::from_secs(30),
+            ..fast_gate()
+        },
+        ..RolloutConfig::default()
+    };
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let err = Rollout::new(pool.clone(), config.clone())
+        .run(restart(engines.clone(), order.clone()))
+        .await
+        .unwrap_err();
+    let report = err.report().unwrap().clone();
+    assert_eq!(*order.lock(), vec![0, 1]);
+    assert!(pool.snapshot().get("r1").unwrap().1.state().is_draining());
+
+    // The operator fixes r1 and resumes with what is left: r1 (still drained) goes first, and
+    // taking it costs no capacity.
+    engines[1].broken.store(false, Ordering::SeqCst);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let left: Vec<String> = report
+        .not_started
+        .iter()
+        .chain(&report.failed)
+        .map(|id| id.to_string())
+        .collect();
+    let report = Rollout::new(pool.clone(), config)
+        .replicas(left)
+        .run(restart(engines.clone(), order.clone()))
+        .await
+        .unwrap();
+    assert_eq!(*order.lock(), vec![1, 2]);
+    assert_eq!(report.completed.len(), 2);
+    assert_eq!(out_of_service(&pool), 0);
+}

@@ -39,7 +39,8 @@
 //! [`DrainTimeoutPolicy::Abort`]), no further replica is started, steps already in progress
 //! finish, and [`RolloutError::ReplicaFailed`] names the replica and carries the
 //! [`RolloutReport`]. The failed replica is left **drained** (out of service) for the operator;
-//! untouched replicas are untouched.
+//! untouched replicas are untouched. To resume after fixing it, run a rollout over the report's
+//! `failed` and `not_started` replicas: the drained one goes first, at no cost to the budget.
 //!
 //! A rollout with one replica (or `max_unavailable` >= the pool size) empties the pool while it
 //! runs: requests then fail with [`RouteError::NoReplica`](crate::error::RouteError::NoReplica).
