@@ -332,7 +332,7 @@ async fn tiered_pools_by_model_name() {
     let small = pool("small", "llama-8b", 2, Engine::new("small"));
     let large = pool("large", "llama-70b", 2, Engine::new("large"));
     let by_model = ByModel::new()
-        .header("x-model")
+        .header(http::HeaderName::from_static("x-model"))
         .alias("llama-3-8b-instruct", "small")
         .alias("llama-3-70b-instruct", "large");
     let build = |default: bool| {
@@ -510,10 +510,11 @@ async fn per_route_metrics() {
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let a = pool("a", "m", 1, Engine::new("a"));
-    let mut select = Select::builder(ByModel::new().header("x-model"))
-        .route("a", least_in_flight(&a))
-        .build()
-        .unwrap();
+    let mut select =
+        Select::builder(ByModel::new().header(http::HeaderName::from_static("x-model")))
+            .route("a", least_in_flight(&a))
+            .build()
+            .unwrap();
     let model = |m: &'static str| {
         let mut r = get("/");
         r.headers_mut()

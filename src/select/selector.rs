@@ -142,7 +142,7 @@ impl ModelName {
 /// ```
 /// use replica_router::select::{ByModel, ModelName, Selector};
 /// let by_model = ByModel::new()
-///     .header("x-model")
+///     .header(http::HeaderName::from_static("x-model"))
 ///     .alias("llama-3-8b-instruct", "small")
 ///     .alias("llama-3-70b-instruct", "large");
 /// let mut req = http::Request::builder().header("x-model", "llama-3-8b-instruct").body(()).unwrap();
@@ -165,11 +165,8 @@ impl ByModel {
     }
 
     /// Also reads the model from this header when the extension is absent.
-    ///
-    /// # Panics
-    /// If `name` is not a valid header name (a programming error, caught at start-up).
-    pub fn header(mut self, name: &str) -> Self {
-        self.header = Some(HeaderName::try_from(name).expect("valid header name"));
+    pub fn header(mut self, name: HeaderName) -> Self {
+        self.header = Some(name);
         self
     }
 
