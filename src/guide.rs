@@ -453,7 +453,7 @@
 //! | Apply cluster-wide tenant quotas and admission control, not per-replica silos | [`QuotaLayer`](crate::quota::QuotaLayer) over a shared [`CounterStore`](crate::store::CounterStore); [`ShedLayer`](crate::shed::ShedLayer) for admission |
 //! | Stagger replica startup to avoid simultaneous weight downloads hammering storage | [`StaggeredStart`](crate::rollout::StaggeredStart) and [`Rollout`](crate::rollout::Rollout) |
 //! | Validate quantization and TP settings identically across replicas | [`SpecPolicy::Identical`](crate::replica::SpecPolicy::Identical) (the default) at build and every [`Pool::add`](crate::pool::Pool::add): [`PoolError::SpecMismatch`](crate::error::PoolError::SpecMismatch) names the odd replica; [`Pool::check_new`](crate::pool::Pool::check_new) before launching one |
-//! | Load-test sticky hash distribution with realistic long/short session mixes | placement is a pure, deterministic function: replay your key mix through [`affinity::ring`](crate::affinity::ring) offline (below); `benches/affinity.rs` and `examples/affinity_churn.rs` measure spread and churn |
+//! | Load-test sticky hash distribution with realistic long/short session mixes | placement is a pure, deterministic function: replay your key mix through [`affinity::ring`](crate::affinity::ring) offline (below); the `sim` module (feature `sim`, `examples/simulate.rs`) drives a long/short, heavy-user chat mix through the real layers in virtual time and reports max/mean replica load, TTFT and prefix-cache hit rate per policy; `benches/affinity.rs` and `examples/affinity_churn.rs` measure spread and churn |
 //! | Document replica count x TP degree x PP degree = total GPUs required | [`Pool::total_gpus`](crate::pool::Pool::total_gpus), [`ReplicaSpec::gpus`](crate::replica::ReplicaSpec::gpus) |
 //!
 //! Load-testing the sticky distribution offline, with the same ring and bound the layer uses
@@ -498,4 +498,4 @@
 //! - **The HTTP server itself.** The crate is layers; the server that terminates client
 //!   connections, parses bodies (to set [`ModelName`](crate::select::ModelName), estimated
 //!   tokens) and maps errors with [`RouteError::to_http_response`](crate::error::RouteError::to_http_response)
-//!   is yours (or the crate's optional `gateway` module).
+//!   is yours, or the crate's OpenAI-compatible `gateway` module (feature `gateway`).

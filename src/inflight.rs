@@ -213,13 +213,20 @@ impl<B: Body> Body for TrackedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         use bytes::Buf;
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(g) = this.guard.as_mut() {
                     if let Some(data) = frame.data_ref() {
                         g.on_data(data.remaining());
+                    }
+                }
+                // Servers such as hyper stop polling once the body says it has ended, so the
+                // final `None` may never be seen: finish as soon as the end is known.
+                if this.inner.is_end_stream() {
+                    if let Some(mut g) = this.guard.take() {
+                        g.finish(Outcome::Success);
                     }
                 }
             }

@@ -17,25 +17,40 @@
 //! - [`decision::Decision`]: which replica and why, carried in the request's extensions from the
 //!   picking layer to [`dispatch::Dispatch`], then on the response.
 //! - [`inflight`]: a request stays in flight until its response body ends (streaming-safe).
+//!
+//! ## Layers, outermost first in a typical chat stack
+//! - [`quota`]: cluster-wide tenant quotas (requests, tokens, concurrency) over a shared
+//!   [`store::CounterStore`] (in-memory, or Redis with the `redis` feature).
 //! - [`shed`]: SLO shedding: a fast 429 when every replica's estimated queue wait is past the
 //!   budget, an optional prioritized admission queue, and the wait-or-spill choice for sticky
 //!   sessions.
-//! - [`health`]: active probes, outlier ejection with back-off, slow-start re-admission, failover
-//!   of requests whose replica died before answering, drain.
-//! - [`load`]: the engines' own load (vLLM's Prometheus `/metrics`) for the wait estimate.
-//! - [`autoscale`]: scale out / hold / scale in from p95 queue wait, utilization and shed rate.
-//! - [`rollout`]: rolling restarts at most `max_unavailable` replicas at a time (drain, restart,
-//!   probe until ready, slow-start readmission) and staggered starts of new replicas, so N
-//!   replicas never load N copies of the weights at once.
-//! - [`select`]: one gateway in front of several pools (chat, batch, embeddings; small and large
-//!   model tiers), by path, model or priority, without one saturated pool blocking another.
-//! - [`guide`]: the data-parallel inference guide's policies, pitfalls and checklist, item by
-//!   item, with the part of this crate that serves each.
+//! - [`affinity`]: sticky sessions by consistent hashing with bounded loads, pins that survive
+//!   spills, failover with an explicit signal.
+//! - [`balance`]: weighted least-in-flight (power of two choices) or round-robin for requests
+//!   without a session.
+//! - [`dispatch`]: sends to the decided replica and keeps the request in flight until its body
+//!   ends.
 //!
-//! ## A stack, outermost first
+//! Beside them: [`health`] (active probes, outlier ejection with back-off, slow-start
+//! re-admission, failover of requests whose replica died before answering, drain), [`load`]
+//! (vLLM's Prometheus `/metrics` as load reports), [`autoscale`] (scale out / hold / scale in
+//! from p95 queue wait, utilization and shed rate), [`rollout`] (rolling restarts at most
+//! `max_unavailable` replicas at a time: drain, restart, probe until ready, slow-start
+//! readmission; and staggered starts of new replicas, so N replicas never load N copies of the
+//! weights at once), [`select`] (one gateway in front of several pools: chat, batch, embeddings,
+//! small and large model tiers, by path, model or priority, without one saturated pool blocking
+//! another).
+//!
+//! The [`guide`] walks through the data-parallel inference guide's policies, pitfalls and
+//! production checklist item by item, with the part of this crate that serves each.
+//!
+//! ## A chat stack
 //! ```
-//! use replica_router::{balance::LeastInFlightLayer, context::RouteContextLayer,
-//!     dispatch::Dispatch, pool::Pool, replica::ReplicaSpec, backend::ServiceBackend};
+//! use std::time::Duration;
+//! use replica_router::{affinity::AffinityLayer, balance::LeastInFlightLayer,
+//!     backend::ServiceBackend, context::RouteContextLayer, dispatch::Dispatch, pool::Pool,
+//!     quota::{QuotaConfig, QuotaLayer, TenantLimits}, replica::ReplicaSpec,
+//!     shed::ShedLayer, store::{MemoryStore, RateQuota}};
 //! use tower::{Service, ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -48,13 +63,21 @@
 //!     .replica("gpu-0-1", spec.clone(), replica.clone())
 //!     .replica("gpu-2-3", spec, replica)
 //!     .build()?;
+//! let limits = TenantLimits::unlimited().requests(RateQuota::new(600, Duration::from_secs(60))?);
 //! let mut gateway = ServiceBuilder::new()
-//!     .layer(RouteContextLayer::default())         // headers -> RouteContext
-//!     .layer(LeastInFlightLayer::new(pool.clone())) // weighted power of two choices
-//!     .service(Dispatch::new(pool));                // send, count in flight until body ends
-//! let req = http::Request::builder().header("x-session-id", "conv-1").body(String::new())?;
+//!     .layer(RouteContextLayer::default())             // headers -> RouteContext
+//!     .layer(QuotaLayer::new(MemoryStore::new(), QuotaConfig::new(limits))) // 429 per tenant
+//!     .layer(ShedLayer::new(pool.clone()).budget(Duration::from_millis(200))) // 429 when hot
+//!     .layer(AffinityLayer::new(pool.clone()))          // sticky, bounded loads
+//!     .layer(LeastInFlightLayer::new(pool.clone()))     // sessions-less requests
+//!     .service(Dispatch::new(pool));                    // in flight until the body ends
+//! let req = http::Request::builder()
+//!     .header("x-session-id", "conv-1")
+//!     .header("x-tenant-id", "acme")
+//!     .body(String::new())?;
 //! let resp = gateway.ready().await?.call(req).await?;
-//! assert_eq!(resp.status(), 200);
+//! let decision = resp.extensions().get::<replica_router::decision::Decision>().unwrap();
+//! println!("served by {} ({})", decision.replica(), decision.reason());
 //! # Ok(())
 //! # }
 //! ```
@@ -88,3 +111,15 @@ pub mod rollout;
 pub mod select;
 pub mod shed;
 pub mod store;
+
+#[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
+pub mod mock;
+
+#[cfg(feature = "sim")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
+pub mod sim;
+
+#[cfg(feature = "gateway")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
+pub mod gateway;

@@ -256,3 +256,34 @@ async fn drain_waits_for_in_flight_and_takes_no_new_requests() {
         .unwrap();
     assert_eq!(a.state().in_flight(), 0);
 }
+
+/// A body that says it has ended right after its last data frame is finished with success even
+/// if nobody polls it again (hyper's server stops polling at that point).
+#[tokio::test]
+async fn body_that_reports_its_end_completes_without_a_final_poll() {
+    let pool = Pool::builder()
+        .replica("a", ReplicaSpec::new("m"), ScriptedBackend::default())
+        .build()
+        .unwrap();
+    let mut svc = Dispatch::new(pool.clone());
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(Script::Stream {
+            chunks: 2,
+            delay_ms: 0,
+        }))
+        .await
+        .unwrap();
+    let state = pool.snapshot().replicas()[0].state().clone();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    body.frame().await.unwrap().unwrap();
+    assert!(http_body::Body::is_end_stream(&body));
+    assert_eq!(state.in_flight(), 0);
+    assert_eq!(state.completed(), 1);
+    assert_eq!(state.cancelled(), 0);
+    drop(body);
+    assert_eq!(state.cancelled(), 0);
+}

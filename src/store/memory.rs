@@ -160,7 +160,7 @@ impl MemoryStore {
         // shard (round robin) and sweeps it once the store has made SHARDS times as many calls
         // as it holds keys since its last sweep. Each shard then costs at most 1/SHARDS of a
         // key visit per call, so sweeping stays O(1) amortized.
-        if g % 16 == 0 {
+        if g.is_multiple_of(16) {
             let j = (g / 16) % SHARDS;
             if j != idx {
                 if let Some(mut other) = self.inner.shards[j].try_lock() {

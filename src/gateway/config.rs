@@ -1,0 +1,398 @@
+//! The gateway's configuration and its command-line flags.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::HeaderName;
+
+/// Default body limit: 10 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+
+/// How the gateway picks a replica for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Session affinity on the affinity header (consistent hashing with bounded loads and pins),
+    /// least-loaded for requests without a session.
+    #[default]
+    Affinity,
+    /// Weighted least-in-flight (power of two choices).
+    LeastLoaded,
+    /// Rotation over the eligible replicas.
+    RoundRobin,
+}
+
+impl Policy {
+    /// The flag spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Affinity => "affinity",
+            Policy::LeastLoaded => "least-loaded",
+            Policy::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// `N/SECS`: at most `n` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Allowance per window.
+    pub n: u64,
+    /// Window length.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `N/SECS` (`100/60`, or `100/60s`).
+    ///
+    /// ```
+    /// use replica_router::gateway::Rate;
+    /// let r = Rate::parse("100/60").unwrap();
+    /// assert_eq!((r.n, r.per.as_secs()), (100, 60));
+    /// assert!(Rate::parse("100").is_none() && Rate::parse("1/0").is_none());
+    /// ```
+    pub fn parse(s: &str) -> Option<Rate> {
+        let (n, secs) = s.split_once('/')?;
+        let n: u64 = n.trim().parse().ok()?;
+        let secs = secs.trim();
+        let secs: f64 = secs.strip_suffix('s').unwrap_or(secs).parse().ok()?;
+        if n == 0 || !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+            return None;
+        }
+        Some(Rate {
+            n,
+            per: Duration::from_secs_f64(secs),
+        })
+    }
+}
+
+/// Where shared counters (tenant quotas) live.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CounterStoreSpec {
+    /// In this process only.
+    #[default]
+    Memory,
+    /// A Redis server shared by every gateway instance (`redis://HOST:PORT`).
+    Redis(String),
+}
+
+/// One `--replica URL[,weight=W]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaArg {
+    /// Base URL (`http://host:port`, optionally with a path prefix).
+    pub url: String,
+    /// Capacity weight (default 1).
+    pub weight: f64,
+}
+
+impl ReplicaArg {
+    /// Parses `URL[,weight=W]`.
+    pub fn parse(s: &str) -> Result<ReplicaArg, ConfigError> {
+        let mut parts = s.split(',');
+        let url = parts.next().unwrap_or_default().trim().to_owned();
+        if url.is_empty() {
+            return Err(ConfigError::new(format!("--replica {s:?}: no URL")));
+        }
+        let mut weight = 1.0;
+        for p in parts {
+            match p.trim().split_once('=') {
+                Some(("weight", w)) => {
+                    weight = w
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|w| w.is_finite() && *w > 0.0)
+                        .ok_or_else(|| {
+                            ConfigError::new(format!(
+                                "--replica {s:?}: weight must be a number > 0"
+                            ))
+                        })?;
+                }
+                _ => {
+                    return Err(ConfigError::new(format!(
+                        "--replica {s:?}: unknown option {p:?} (expected weight=W)"
+                    )))
+                }
+            }
+        }
+        Ok(ReplicaArg { url, weight })
+    }
+}
+
+/// Everything the gateway needs; [`GatewayConfig::from_args`] reads it from command-line flags.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Address to listen on (`--listen`, default `127.0.0.1:8080`; port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// The replicas (`--replica URL[,weight=W]`, repeatable).
+    pub replicas: Vec<ReplicaArg>,
+    /// Session header for affinity (`--affinity-header`, default `x-session-id`).
+    pub affinity_header: HeaderName,
+    /// User header, an alternative affinity key (`--user-header`, none by default).
+    pub user_header: Option<HeaderName>,
+    /// Tenant header for quotas (`--tenant-header`, default `x-tenant-id`).
+    pub tenant_header: HeaderName,
+    /// Wait budget for SLO shedding (`--slo-wait-ms`), none by default.
+    pub slo_wait: Option<Duration>,
+    /// Requests per tenant per window (`--tenant-rate N/SECS`).
+    pub tenant_rate: Option<Rate>,
+    /// Estimated tokens per tenant per window (`--tenant-tokens N/SECS`).
+    pub tenant_tokens: Option<Rate>,
+    /// Where quota counters live (`--counter-store memory|redis://HOST:PORT`).
+    pub counter_store: CounterStoreSpec,
+    /// The picking policy (`--policy affinity|least-loaded|round-robin`, default affinity).
+    pub policy: Policy,
+    /// Largest accepted request body (`--max-body-bytes`, default 10 MiB); larger gets 413.
+    pub max_body_bytes: usize,
+    /// Idle upstream connections kept per replica (`--upstream-idle`, default 1024).
+    pub upstream_idle_per_replica: usize,
+    /// Runtime worker threads (`--threads`, used by the example's `main`; 0 = one per core).
+    pub threads: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            replicas: Vec::new(),
+            affinity_header: HeaderName::from_static("x-session-id"),
+            user_header: None,
+            tenant_header: HeaderName::from_static("x-tenant-id"),
+            slo_wait: None,
+            tenant_rate: None,
+            tenant_tokens: None,
+            counter_store: CounterStoreSpec::Memory,
+            policy: Policy::default(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            upstream_idle_per_replica: 1024,
+            threads: 0,
+        }
+    }
+}
+
+/// A bad command line or configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    pub(crate) fn new(msg: impl Into<String>) -> Self {
+        ConfigError(msg.into())
+    }
+
+    /// Whether this is the answer to `--help` (the message is the usage text).
+    pub fn is_help(&self) -> bool {
+        self.0 == USAGE
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The gateway's usage text.
+pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...] [--listen ADDR]
+  [--policy affinity|least-loaded|round-robin] [--affinity-header NAME] [--user-header NAME]
+  [--tenant-header NAME] [--slo-wait-ms N] [--tenant-rate N/SECS] [--tenant-tokens N/SECS]
+  [--counter-store memory|redis://HOST:PORT] [--max-body-bytes N] [--upstream-idle N] [--threads N]";
+
+impl GatewayConfig {
+    /// Parses command-line flags (without the program name). `--flag value` and `--flag=value`
+    /// are both accepted.
+    ///
+    /// ```
+    /// use replica_router::gateway::{GatewayConfig, Policy};
+    /// let cfg = GatewayConfig::from_args(["--replica", "http://127.0.0.1:8001,weight=2",
+    ///     "--replica=http://127.0.0.1:8002", "--policy", "round-robin", "--listen", "127.0.0.1:0"]).unwrap();
+    /// assert_eq!(cfg.replicas.len(), 2);
+    /// assert_eq!(cfg.replicas[0].weight, 2.0);
+    /// assert_eq!(cfg.policy, Policy::RoundRobin);
+    /// assert!(GatewayConfig::from_args(["--policy", "random"]).is_err());
+    /// ```
+    pub fn from_args<I, S>(args: I) -> Result<GatewayConfig, ConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut cfg = GatewayConfig::default();
+        let args: Vec<String> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            i += 1;
+            if arg == "-h" || arg == "--help" {
+                return Err(ConfigError::new(USAGE));
+            }
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+                _ => (arg.as_str(), None),
+            };
+            let mut value = || -> Result<String, ConfigError> {
+                if let Some(v) = inline.clone() {
+                    return Ok(v);
+                }
+                let v = args
+                    .get(i)
+                    .cloned()
+                    .ok_or_else(|| ConfigError::new(format!("{flag} needs a value")))?;
+                i += 1;
+                Ok(v)
+            };
+            match flag {
+                "--listen" => {
+                    let v = value()?;
+                    cfg.listen = v.parse().map_err(|_| {
+                        ConfigError::new(format!("--listen {v:?}: expected IP:PORT"))
+                    })?;
+                }
+                "--replica" => cfg.replicas.push(ReplicaArg::parse(&value()?)?),
+                "--affinity-header" => cfg.affinity_header = header_name(flag, &value()?)?,
+                "--user-header" => cfg.user_header = Some(header_name(flag, &value()?)?),
+                "--tenant-header" => cfg.tenant_header = header_name(flag, &value()?)?,
+                "--slo-wait-ms" => {
+                    cfg.slo_wait = Some(Duration::from_millis(number(flag, &value()?)?))
+                }
+                "--tenant-rate" => cfg.tenant_rate = Some(rate(flag, &value()?)?),
+                "--tenant-tokens" => cfg.tenant_tokens = Some(rate(flag, &value()?)?),
+                "--counter-store" => {
+                    let v = value()?;
+                    cfg.counter_store = if v == "memory" {
+                        CounterStoreSpec::Memory
+                    } else if v.starts_with("redis://") || v.starts_with("rediss://") {
+                        CounterStoreSpec::Redis(v)
+                    } else {
+                        return Err(ConfigError::new(format!(
+                            "--counter-store {v:?}: expected memory or redis://HOST:PORT"
+                        )));
+                    };
+                }
+                "--policy" => {
+                    let v = value()?;
+                    cfg.policy = match v.as_str() {
+                        "affinity" => Policy::Affinity,
+                        "least-loaded" | "least_loaded" => Policy::LeastLoaded,
+                        "round-robin" | "round_robin" => Policy::RoundRobin,
+                        _ => {
+                            return Err(ConfigError::new(format!(
+                                "--policy {v:?}: expected affinity, least-loaded or round-robin"
+                            )))
+                        }
+                    };
+                }
+                "--max-body-bytes" => cfg.max_body_bytes = number::<usize>(flag, &value()?)?.max(1),
+                "--upstream-idle" => cfg.upstream_idle_per_replica = number(flag, &value()?)?,
+                "--threads" => cfg.threads = number(flag, &value()?)?,
+                _ => {
+                    return Err(ConfigError::new(format!(
+                        "unknown argument {arg:?}\n{USAGE}"
+                    )))
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn header_name(flag: &str, v: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(v.trim().to_ascii_lowercase().as_bytes())
+        .map_err(|_| ConfigError::new(format!("{flag} {v:?}: not a valid header name")))
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ConfigError::new(format!("{flag} {v:?}: expected a non-negative integer")))
+}
+
+fn rate(flag: &str, v: &str) -> Result<Rate, ConfigError> {
+    Rate::parse(v).ok_or_else(|| {
+        ConfigError::new(format!(
+            "{flag} {v:?}: expected N/SECS with N > 0 and SECS > 0"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fixed_flag_parses() {
+        let cfg = GatewayConfig::from_args([
+            "--listen",
+            "0.0.0.0:9000",
+            "--replica",
+            "http://a:1,weight=0.5",
+            "--replica",
+            "http://b:2",
+            "--affinity-header",
+            "X-Conversation",
+            "--user-header",
+            "x-user",
+            "--tenant-header",
+            "x-org",
+            "--slo-wait-ms",
+            "200",
+            "--tenant-rate",
+            "100/60",
+            "--tenant-tokens",
+            "50000/60s",
+            "--counter-store",
+            "redis://127.0.0.1:6379",
+            "--policy",
+            "least-loaded",
+        ])
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(
+            cfg.replicas[0],
+            ReplicaArg {
+                url: "http://a:1".into(),
+                weight: 0.5
+            }
+        );
+        assert_eq!(cfg.affinity_header, "x-conversation");
+        assert_eq!(cfg.user_header.unwrap(), "x-user");
+        assert_eq!(cfg.tenant_header, "x-org");
+        assert_eq!(cfg.slo_wait, Some(Duration::from_millis(200)));
+        assert_eq!(
+            cfg.tenant_rate,
+            Some(Rate {
+                n: 100,
+                per: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(cfg.tenant_tokens.unwrap().n, 50_000);
+        assert_eq!(
+            cfg.counter_store,
+            CounterStoreSpec::Redis("redis://127.0.0.1:6379".into())
+        );
+        assert_eq!(cfg.policy, Policy::LeastLoaded);
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        for bad in [
+            &["--listen", "nowhere"][..],
+            &["--replica", "http://a:1,weight=0"],
+            &["--replica", "http://a:1,weight=NaN"],
+            &["--replica", "http://a:1,color=red"],
+            &["--replica", ""],
+            &["--affinity-header", "bad header"],
+            &["--slo-wait-ms", "-1"],
+            &["--tenant-rate", "5"],
+            &["--tenant-tokens", "0/60"],
+            &["--counter-store", "postgres://x"],
+            &["--policy"],
+            &["--frobnicate"],
+        ] {
+            assert!(
+                GatewayConfig::from_args(bad.iter().copied()).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(GatewayConfig::from_args(["--help"]).unwrap_err().is_help());
+    }
+}

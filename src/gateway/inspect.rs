@@ -1,0 +1,308 @@
+//! Cheap validation of OpenAI request bodies, without rewriting them.
+//!
+//! The body is scanned once by serde_json into a struct that borrows what it needs and skips the
+//! rest: the JSON must be well formed, `model` must be a string, `messages` (chat) or `prompt`
+//! (completions) must be present, and the text they hold is measured (never copied) to estimate
+//! prompt tokens. The bytes are then forwarded exactly as received.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+/// Which OpenAI route a body is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKind {
+    /// `POST /v1/chat/completions` (needs `messages`).
+    Chat,
+    /// `POST /v1/completions` (needs `prompt`).
+    Completion,
+}
+
+/// What the gateway learns from a valid body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyInfo {
+    /// Estimated prompt tokens (text bytes / 4, plus one per token id, plus a few per message).
+    pub prompt_tokens: u64,
+    /// `max_completion_tokens` or `max_tokens`, if given.
+    pub max_tokens: Option<u64>,
+    /// Whether the client asked for a streamed (SSE) response.
+    pub stream: bool,
+}
+
+/// Output tokens assumed when a request gives no `max_tokens`, for the route context's estimate.
+pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 256;
+
+impl BodyInfo {
+    /// Prompt plus expected output, for [`RouteContext::estimated_tokens`](crate::context::RouteContext).
+    pub fn estimated_tokens(&self) -> u64 {
+        self.prompt_tokens
+            .saturating_add(self.max_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE))
+    }
+}
+
+/// Bytes of text per estimated token.
+const BYTES_PER_TOKEN: u64 = 4;
+/// Template tokens per chat message (role markers).
+const TOKENS_PER_MESSAGE: u64 = 4;
+/// Nesting limit inside `messages` / `prompt`.
+const MAX_DEPTH: u32 = 32;
+
+/// Validates `body` for `kind` and estimates its size.
+///
+/// ```
+/// use replica_router::gateway::{inspect_body, ApiKind};
+/// let ok = br#"{"model":"m","messages":[{"role":"user","content":"hello there, how are you?"}],"max_tokens":20}"#;
+/// let info = inspect_body(ApiKind::Chat, ok).unwrap();
+/// assert_eq!(info.max_tokens, Some(20));
+/// assert!(info.prompt_tokens >= 6);
+/// assert!(inspect_body(ApiKind::Chat, br#"{"model":"m"}"#).unwrap_err().contains("messages"));
+/// assert!(inspect_body(ApiKind::Chat, br#"{"messages":[]}"#).unwrap_err().contains("model"));
+/// assert!(inspect_body(ApiKind::Completion, b"{").is_err());
+/// ```
+pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
+    let probe: Probe<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+    match probe.model {
+        Some(m) if !m.is_empty() => {}
+        Some(_) => return Err("`model` must not be empty".into()),
+        None => return Err("missing field `model`".into()),
+    }
+    let text = match kind {
+        ApiKind::Chat => probe.messages.ok_or("missing field `messages`")?,
+        ApiKind::Completion => probe.prompt.ok_or("missing field `prompt`")?,
+    };
+    if kind == ApiKind::Chat && !text.top_level_array {
+        return Err("`messages` must be an array".into());
+    }
+    let per_message = if kind == ApiKind::Chat {
+        TOKENS_PER_MESSAGE
+    } else {
+        0
+    };
+    let prompt_tokens =
+        text.bytes / BYTES_PER_TOKEN + text.numbers + text.top_level_items * per_message;
+    Ok(BodyInfo {
+        prompt_tokens,
+        max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
+        stream: probe.stream.unwrap_or(false),
+    })
+}
+
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(default, borrow)]
+    model: Option<Str<'a>>,
+    #[serde(default)]
+    messages: Option<TextSize>,
+    #[serde(default)]
+    prompt: Option<TextSize>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// A string, borrowed from the body when it has no escapes; only its emptiness is looked at.
+struct Str<'a>(#[allow(dead_code)] std::borrow::Cow<'a, str>);
+
+impl Str<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                // Escaped strings come through a scratch buffer; only the length matters.
+                Ok(Str(std::borrow::Cow::Borrowed(if v.is_empty() {
+                    ""
+                } else {
+                    "?"
+                })))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The total size of the strings (and count of numbers) inside a JSON value, measured in one pass
+/// without allocating.
+#[derive(Default)]
+struct TextSize {
+    bytes: u64,
+    numbers: u64,
+    top_level_items: u64,
+    top_level_array: bool,
+}
+
+struct Walk<'s> {
+    acc: &'s mut TextSize,
+    depth: u32,
+}
+
+impl<'de> de::DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Walk<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("text or token ids")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.acc.bytes += v.len() as u64;
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.acc.numbers += 1;
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.acc.numbers += 1;
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DEPTH {
+            return Err(de::Error::custom("nested too deeply"));
+        }
+        let top = self.depth == 0;
+        if top {
+            self.acc.top_level_array = true;
+        }
+        while seq
+            .next_element_seed(Walk {
+                acc: self.acc,
+                depth: self.depth + 1,
+            })?
+            .is_some()
+        {
+            if top {
+                self.acc.top_level_items += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DEPTH {
+            return Err(de::Error::custom("nested too deeply"));
+        }
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(Walk {
+                acc: self.acc,
+                depth: self.depth + 1,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for TextSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut acc = TextSize::default();
+        d.deserialize_any(Walk {
+            acc: &mut acc,
+            depth: 0,
+        })?;
+        Ok(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_and_rejections() {
+        let chat = br#"{"model":"m","stream":true,"messages":[{"role":"system","content":"You are terse."},
+            {"role":"user","content":[{"type":"text","text":"abcdefghijklmnop"}]}]}"#;
+        let i = inspect_body(ApiKind::Chat, chat).unwrap();
+        assert!(i.stream);
+        assert_eq!(i.max_tokens, None);
+        assert!(i.prompt_tokens >= 8 + 8, "{i:?}");
+        assert_eq!(
+            i.estimated_tokens(),
+            i.prompt_tokens + DEFAULT_OUTPUT_ESTIMATE
+        );
+
+        let ids = br#"{"model":"m","prompt":[1,2,3,4,5],"max_tokens":3}"#;
+        assert_eq!(
+            inspect_body(ApiKind::Completion, ids)
+                .unwrap()
+                .prompt_tokens,
+            5
+        );
+        let s = br#"{"model":"m","prompt":"abcdefgh"}"#;
+        assert_eq!(
+            inspect_body(ApiKind::Completion, s).unwrap().prompt_tokens,
+            2
+        );
+
+        for (kind, bad) in [
+            (ApiKind::Chat, &b""[..]),
+            (ApiKind::Chat, b"[]"),
+            (ApiKind::Chat, b"{\"model\":\"m\",\"messages\":[}"),
+            (ApiKind::Chat, b"{\"model\":\"m\",\"messages\":\"hi\"}"),
+            (ApiKind::Chat, b"{\"model\":5,\"messages\":[]}"),
+            (ApiKind::Chat, b"{\"model\":\"\",\"messages\":[]}"),
+            (
+                ApiKind::Chat,
+                b"{\"model\":\"m\",\"messages\":[],\"stream\":\"yes\"}",
+            ),
+            (
+                ApiKind::Chat,
+                b"{\"model\":\"m\",\"messages\":[],\"max_tokens\":-4}",
+            ),
+            (ApiKind::Chat, b"{\"model\":\"m\",\"messages\":[]} trailing"),
+            (ApiKind::Completion, b"{\"model\":\"m\",\"messages\":[]}"),
+            (ApiKind::Chat, b"\xff\xfe"),
+        ] {
+            assert!(
+                inspect_body(kind, bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let deep = format!(
+            "{{\"model\":\"m\",\"messages\":{}{}}}",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert!(inspect_body(ApiKind::Chat, deep.as_bytes()).is_err());
+        let escaped = br#"{"model":"m\u0031","messages":[{"content":"a\"b"}]}"#;
+        assert!(inspect_body(ApiKind::Chat, escaped).is_ok());
+    }
+}

@@ -1,0 +1,367 @@
+//! An OpenAI-compatible HTTP gateway over the crate's stack (feature `gateway`).
+//!
+//! [`Gateway`] listens on an address, validates each request cheaply and routes it through
+//! route context -> picking layer -> [`Dispatch`](crate::dispatch::Dispatch) to HTTP replicas
+//! (vLLM, SGLang, or the [`mock`](crate::mock) replicas) over a pooled keep-alive hyper client:
+//!
+//! - `POST /v1/chat/completions` and `/v1/completions`: the body (at most
+//!   [`GatewayConfig::max_body_bytes`], else 413) must be JSON with `model` and `messages` /
+//!   `prompt` (else 400 with an OpenAI-style error); header values must be UTF-8 (else 400). The body
+//!   is scanned once to estimate prompt tokens ([`inspect_body`]) and forwarded **byte for byte**:
+//!   the gateway never re-serialises JSON. Responses stream back frame by frame (SSE is never
+//!   buffered), and the request stays in flight on its replica until the body ends.
+//! - `--policy affinity` (the default) routes each session (`--affinity-header`, or the
+//!   `--user-header` when a request has no session) by consistent hashing with bounded loads and
+//!   sticky pins ([`affinity`](crate::affinity)); requests without a key, and every request under
+//!   `--policy least-loaded`, go to the least loaded of two weighted random replicas; under
+//!   `--policy round-robin`, in turn. Sessions are pinned in memory, or in Redis with
+//!   `--counter-store redis://...` so every gateway instance agrees.
+//! - Responses carry `x-replica-id` and, for session-routed requests, `x-replica-affinity:
+//!   home | spill | failover` (anything but `home` means the replica replays the prefill).
+//! - With `--tenant-rate` / `--tenant-tokens`, the [`quota`](crate::quota) layer holds each tenant
+//!   (`--tenant-header`) to its quota across every gateway sharing the `--counter-store`.
+//! - Routing errors map through [`RouteError`](crate::error::RouteError): 503 when no replica is
+//!   eligible, 429 with `Retry-After` when shed or over quota, 502 when the replica fails.
+//! - Replicas are probed in the background (`GET /health`; two failures in a row take a replica
+//!   out until two successes) and their vLLM `/metrics` are read for the engines' own running and
+//!   waiting counts ([`health`](crate::health)). With `--slo-wait-ms`, the [`shed`](crate::shed)
+//!   layer answers 429 with `Retry-After` when every replica's estimated wait is past the budget.
+//! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
+//!   [`Gateway::bind_with_metrics`]; the library itself never installs a recorder) followed by
+//!   per-replica gauges read from the pool. `GET /health`: 200 while a replica is eligible, else 503.
+//! - Any other path is forwarded unchanged to a least-loaded replica (`GET /v1/models`, ...).
+//!
+//! `examples/gateway.rs` is the command-line front end ([`GatewayConfig::from_args`] parses the
+//! flags). Tests start the gateway in-process on port 0:
+//!
+//! ```no_run
+//! use replica_router::gateway::{Gateway, GatewayConfig};
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg = GatewayConfig::from_args(["--listen", "127.0.0.1:0", "--replica", "http://127.0.0.1:8001"])?;
+//! let gw = Gateway::bind(cfg).await?;
+//! println!("gateway on http://{}", gw.local_addr());
+//! gw.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod body;
+mod config;
+mod inspect;
+mod service;
+mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use self::body::GatewayBody;
+pub use self::config::{
+    ConfigError, CounterStoreSpec, GatewayConfig, Policy, Rate, ReplicaArg, DEFAULT_MAX_BODY_BYTES,
+    USAGE,
+};
+pub use self::inspect::{inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
+pub use self::service::UpstreamRequest;
+pub use self::upstream::{Upstream, UpstreamBody, UpstreamFuture};
+pub use crate::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
+
+use self::service::{ConnState, Counters, Shared};
+use crate::error::PoolError;
+use crate::health::{HealthCheckConfig, HealthCheckHandle, HealthChecker};
+use crate::http_backend::HttpReplicaError;
+use crate::pool::Pool;
+use crate::replica::ReplicaSpec;
+
+/// Renders the application's metrics recorder (for example a `PrometheusHandle::render`).
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A replica URL is invalid.
+    #[error(transparent)]
+    Replica(#[from] HttpReplicaError),
+    /// The pool rejected the replicas (duplicates, bad weights).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The listener could not be bound.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running gateway. Dropping it stops accepting; [`Gateway::shutdown`] also waits for the
+/// requests in progress.
+pub struct Gateway {
+    addr: SocketAddr,
+    pool: Pool<Upstream>,
+    _health: HealthCheckHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the pool of HTTP replicas of `cfg` (ids are the URLs' `host:port[/prefix]`).
+pub fn build_pool(cfg: &GatewayConfig) -> Result<Pool<Upstream>, GatewayError> {
+    let mut builder = Pool::builder().allow_empty();
+    for r in &cfg.replicas {
+        let replica = Upstream::new(&r.url, cfg.upstream_idle_per_replica)?;
+        let id = replica.base_url();
+        let id = id.strip_prefix("http://").unwrap_or(id).to_owned();
+        builder = builder.replica(
+            id,
+            ReplicaSpec::new("served-model").capacity_weight(r.weight),
+            replica,
+        );
+    }
+    Ok(builder.build()?)
+}
+
+impl Gateway {
+    /// Binds `cfg.listen` and serves on the current tokio runtime.
+    pub async fn bind(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
+        Self::bind_with_metrics(cfg, None).await
+    }
+
+    /// Like [`Gateway::bind`], with a metrics recorder rendering for `GET /metrics`.
+    pub async fn bind_with_metrics(
+        cfg: GatewayConfig,
+        render: Option<MetricsRender>,
+    ) -> Result<Gateway, GatewayError> {
+        let pool = build_pool(&cfg)?;
+        let listener = TcpListener::bind(cfg.listen).await?;
+        Self::serve(listener, &cfg, pool, render).await
+    }
+
+    /// Serves on an already bound listener, routing over `pool` (whose membership the caller may
+    /// change at run time), on the current tokio runtime.
+    pub async fn serve(
+        listener: TcpListener,
+        cfg: &GatewayConfig,
+        pool: Pool<Upstream>,
+        render: Option<MetricsRender>,
+    ) -> Result<Gateway, GatewayError> {
+        let addr = listener.local_addr()?;
+        let shared = shared(cfg, &pool, render).await?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, shared, stopped));
+        Ok(Gateway {
+            _health: health(&pool),
+            addr,
+            pool,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Binds `cfg.listen` and serves on `shards` threads, each running its own single-threaded
+    /// runtime with its own upstream connections (the way nginx runs one event loop per worker).
+    /// The current runtime only accepts connections and hands them to the shards in turn; a
+    /// request is then served start to end on one thread, with no cross-thread wake-ups. The
+    /// replica pool (and so the in-flight accounting the picking layers read) is shared by all.
+    pub async fn bind_sharded(
+        cfg: GatewayConfig,
+        shards: usize,
+        render: Option<MetricsRender>,
+    ) -> Result<Gateway, GatewayError> {
+        let pool = build_pool(&cfg)?;
+        let listener = TcpListener::bind(cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = shared(&cfg, &pool, render).await?;
+        let mut senders = Vec::new();
+        let mut done = Vec::new();
+        for i in 0..shards.max(1) {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+            let (done_tx, done_rx) = oneshot::channel::<()>();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("gateway-shard-{i}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    if let Ok(rt) = rt {
+                        rt.block_on(shard_loop(rx, shared));
+                    }
+                    let _ = done_tx.send(());
+                })?;
+            senders.push(tx);
+            done.push(done_rx);
+        }
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut next = 0usize;
+            loop {
+                let stream = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                    },
+                    _ = &mut stopped => break,
+                };
+                if let Ok(s) = stream.into_std() {
+                    let _ = senders[next % senders.len()].send(s);
+                    next = next.wrapping_add(1);
+                }
+            }
+            drop(listener);
+            drop(senders);
+            for d in done {
+                let _ = d.await;
+            }
+        });
+        Ok(Gateway {
+            _health: health(&pool),
+            addr,
+            pool,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The replica pool (membership can be changed while serving).
+    pub fn pool(&self) -> &Pool<Upstream> {
+        &self.pool
+    }
+
+    /// Stops accepting, closes idle connections, and waits for the requests in progress (streams
+    /// included) to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn shared(
+    cfg: &GatewayConfig,
+    pool: &Pool<Upstream>,
+    render: Option<MetricsRender>,
+) -> Result<Arc<Shared>, GatewayError> {
+    let layers = service::store_layers(cfg).await?;
+    let replica_headers = pool
+        .snapshot()
+        .replicas()
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.id().clone(),
+                http::HeaderValue::from_str(r.id().as_str()).ok()?,
+            ))
+        })
+        .collect();
+    Ok(Arc::new(Shared {
+        stack: service::build_stack(cfg, pool, layers)?,
+        extractor: service::extractor(cfg),
+        pool: pool.clone(),
+        max_body: cfg.max_body_bytes,
+        render,
+        counters: Counters::new(),
+        replica_headers,
+    }))
+}
+
+/// Active health checks (`GET /health`) and engine load scrapes (`GET /metrics`) in the
+/// background, for as long as the gateway lives.
+fn health(pool: &Pool<Upstream>) -> HealthCheckHandle {
+    HealthChecker::new(pool.clone(), HealthCheckConfig::default()).spawn()
+}
+
+fn http_builder() -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true);
+    // Small OpenAI answers and SSE events: one flat buffer and one `write` beat a vectored write.
+    http.writev(false);
+    http
+}
+
+fn serve_conn(
+    http: &hyper::server::conn::http1::Builder,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    shared: &Arc<Shared>,
+    stream: tokio::net::TcpStream,
+) {
+    let _ = stream.set_nodelay(true);
+    let conn_state = ConnState::new(shared.clone());
+    let svc = hyper::service::service_fn(move |req| {
+        let conn_state = conn_state.clone();
+        async move { Ok::<_, Infallible>(service::handle(conn_state, req).await) }
+    });
+    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+}
+
+async fn shard_loop(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    shared: Arc<Shared>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = http_builder();
+    while let Some(s) = rx.recv().await {
+        if let Ok(stream) = tokio::net::TcpStream::from_std(s) {
+            serve_conn(&http, &graceful, &shared, stream);
+        }
+    }
+    graceful.shutdown().await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = http_builder();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            },
+            _ = &mut stopped => break,
+        };
+        serve_conn(&http, &graceful, &shared, stream);
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

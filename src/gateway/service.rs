@@ -1,0 +1,601 @@
+//! The request path: validate cheaply, route through the crate's stack, forward the bytes.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use parking_lot::Mutex;
+use pin_project::pin_project;
+
+use crate::balance::{LeastInFlight, LoadMeasure, RoundRobin};
+use crate::context::{HeaderExtractor, RouteContextService};
+use crate::decision::{Decision, DecisionReason};
+use crate::dispatch::Dispatch;
+use crate::error::{json_escape_into, RouteError};
+use crate::inflight::TrackedBody;
+use crate::pool::Pool;
+use crate::replica::ReplicaId;
+use crate::rng::RngSeed;
+
+use super::body::GatewayBody;
+use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, Policy};
+use super::inspect::{inspect_body, ApiKind};
+use super::GatewayError;
+use super::MetricsRender;
+use crate::affinity::pins::PinTable;
+use crate::affinity::{
+    Affinity, AffinityFuture, AffinityKey, AffinityLayer, AFFINITY_HEADER, REPLICA_HEADER,
+};
+use crate::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
+use crate::shed::{Shed, ShedLayer};
+use crate::store::{MemoryStore, RateQuota};
+use tower::util::Either;
+
+pub use super::upstream::Upstream;
+/// The request type inside the stack.
+pub type UpstreamRequest = Request<Full<Bytes>>;
+type UpstreamResponse = Response<TrackedBody<super::upstream::UpstreamBody>>;
+
+/// Least-in-flight picking over dispatch: the fallback under affinity, and `--policy least-loaded`.
+type LeastStack = LeastInFlight<Dispatch<Upstream>, Upstream>;
+type LeastFuture = <LeastStack as tower::Service<UpstreamRequest>>::Future;
+
+/// The picking layer chosen by `--policy`.
+#[derive(Debug, Clone)]
+pub(crate) enum Picker {
+    /// Sessions by consistent hashing with bounded loads; unkeyed requests least-loaded.
+    Affinity(Affinity<LeastStack, Upstream>),
+    Least(LeastStack),
+    Rotate(RoundRobin<Dispatch<Upstream>, Upstream>),
+}
+
+/// The future of [`Picker`]. Its variants differ in size; boxing the larger one would cost an
+/// allocation per request, and the future lives in the connection's task anyway.
+#[allow(clippy::large_enum_variant)]
+#[pin_project(project = PickerFutureProj)]
+pub(crate) enum PickerFuture {
+    Affinity(#[pin] AffinityFuture<LeastStack, UpstreamRequest, Upstream>),
+    Plain(#[pin] LeastFuture),
+}
+
+impl Future for PickerFuture {
+    type Output = Result<UpstreamResponse, RouteError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            PickerFutureProj::Affinity(f) => f.poll(cx),
+            PickerFutureProj::Plain(f) => f.poll(cx),
+        }
+    }
+}
+
+impl tower::Service<UpstreamRequest> for Picker {
+    type Response = UpstreamResponse;
+    type Error = RouteError;
+    type Future = PickerFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RouteError>> {
+        match self {
+            Picker::Affinity(s) => s.poll_ready(cx),
+            Picker::Least(s) => s.poll_ready(cx),
+            Picker::Rotate(s) => s.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: UpstreamRequest) -> Self::Future {
+        match self {
+            Picker::Affinity(s) => PickerFuture::Affinity(s.call(req)),
+            Picker::Least(s) => PickerFuture::Plain(s.call(req)),
+            // Round-robin and least-in-flight both answer `RouteFuture<DispatchFuture>`.
+            Picker::Rotate(s) => PickerFuture::Plain(s.call(req)),
+        }
+    }
+}
+
+/// SLO shedding over the picker, when `--slo-wait-ms` is set.
+pub(crate) type Admission = Either<Shed<Picker, Upstream>, Picker>;
+/// The tenant quota over shedding, when `--tenant-rate` or `--tenant-tokens` is set.
+pub(crate) type Quotas = Either<Quota<Admission>, Admission>;
+
+/// The whole routing stack, outermost first: route context -> tenant quota -> SLO shedding ->
+/// picker (affinity over least-in-flight, or least-in-flight, or round-robin) -> dispatch.
+pub(crate) type Stack = RouteContextService<Quotas, HeaderExtractor>;
+
+/// The layers whose state may live in the counter store: the tenant quota (if `--tenant-rate` or
+/// `--tenant-tokens` is set) and the session pin table (in Redis with `--counter-store redis://`,
+/// so every gateway instance sends a session to the same replica, spills included).
+pub(crate) struct StoreLayers {
+    quota: Option<QuotaLayer>,
+    pins: Option<Arc<dyn PinTable>>,
+}
+
+/// Connects the counter store (once) and builds the layers that use it.
+pub(crate) async fn store_layers(cfg: &GatewayConfig) -> Result<StoreLayers, GatewayError> {
+    let mut limits = TenantLimits::unlimited();
+    if let Some(r) = cfg.tenant_rate {
+        limits =
+            limits.requests(RateQuota::new(r.n, r.per).map_err(|e| bad_flag("--tenant-rate", e))?);
+    }
+    if let Some(r) = cfg.tenant_tokens {
+        limits =
+            limits.tokens(RateQuota::new(r.n, r.per).map_err(|e| bad_flag("--tenant-tokens", e))?);
+    }
+    let config = (!limits.is_unlimited()).then(|| QuotaConfig::new(limits));
+    match &cfg.counter_store {
+        CounterStoreSpec::Memory => Ok(StoreLayers {
+            quota: config.map(|c| QuotaLayer::new(MemoryStore::new(), c)),
+            pins: None,
+        }),
+        #[cfg(feature = "redis")]
+        CounterStoreSpec::Redis(url) => {
+            let store = crate::store::RedisStore::connect(url)
+                .await
+                .map_err(|e| bad_flag("--counter-store", e))?;
+            let pins: Arc<dyn PinTable> = Arc::new(crate::store::RedisPinTable::new(&store));
+            Ok(StoreLayers { quota: config.map(|c| QuotaLayer::new(store, c)), pins: Some(pins) })
+        }
+        #[cfg(not(feature = "redis"))]
+        CounterStoreSpec::Redis(_) => Err(GatewayError::Config(ConfigError::new(
+            "--counter-store redis://...: this build has no Redis support (enable the `redis` feature)",
+        ))),
+    }
+}
+
+fn bad_flag(flag: &str, e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Config(ConfigError::new(format!("{flag}: {e}")))
+}
+
+/// The route-context extractor for `cfg`'s headers.
+pub(crate) fn extractor(cfg: &GatewayConfig) -> HeaderExtractor {
+    HeaderExtractor::default()
+        .session_header(Some(cfg.affinity_header.clone()))
+        .user_header(cfg.user_header.clone())
+        .tenant_header(Some(cfg.tenant_header.clone()))
+        .estimated_tokens_header(None)
+}
+
+/// Builds the stack for `cfg` over `pool`. Validated requests arrive with their route context
+/// already set (with the token estimate from the body); others get it from their headers here.
+pub(crate) fn build_stack(
+    cfg: &GatewayConfig,
+    pool: &Pool<Upstream>,
+    layers: StoreLayers,
+) -> Result<Stack, GatewayError> {
+    let extractor = extractor(cfg);
+    let dispatch = Dispatch::new(pool.clone());
+    let least = || {
+        LeastInFlight::new(
+            dispatch.clone(),
+            pool.clone(),
+            LoadMeasure::default(),
+            RngSeed::from_entropy(),
+        )
+    };
+    let picker = match cfg.policy {
+        Policy::Affinity => {
+            let key = if cfg.user_header.is_some() {
+                AffinityKey::SessionThenUser
+            } else {
+                AffinityKey::Session
+            };
+            let mut builder = AffinityLayer::builder(pool.clone()).key(key);
+            if let Some(pins) = layers.pins {
+                builder = builder.dyn_pin_table(pins);
+            }
+            let affinity = builder
+                .build()
+                .map_err(|e| bad_flag("--policy affinity", e))?;
+            Picker::Affinity(tower::Layer::layer(&affinity, least()))
+        }
+        Policy::LeastLoaded => Picker::Least(least()),
+        Policy::RoundRobin => Picker::Rotate(RoundRobin::new(dispatch.clone(), pool.clone())),
+    };
+    let admission = match cfg.slo_wait {
+        Some(budget) => Either::Left(tower::Layer::layer(
+            &ShedLayer::new(pool.clone()).budget(budget),
+            picker,
+        )),
+        None => Either::Right(picker),
+    };
+    let quotas = match layers.quota {
+        Some(q) => Either::Left(tower::Layer::layer(&q, admission)),
+        None => Either::Right(admission),
+    };
+    Ok(tower::Layer::layer(
+        &crate::context::RouteContextLayer::new(extractor),
+        quotas,
+    ))
+}
+
+/// Counters of the request path (handles resolved once, so recording is an atomic add).
+pub(crate) struct Counters {
+    ok: metrics::Counter,
+    client_error: metrics::Counter,
+    server_error: metrics::Counter,
+}
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        let c =
+            |class: &'static str| metrics::counter!("gateway_requests_total", "status" => class);
+        Counters {
+            ok: c("2xx"),
+            client_error: c("4xx"),
+            server_error: c("5xx"),
+        }
+    }
+
+    fn record(&self, status: StatusCode) {
+        if status.is_server_error() {
+            self.server_error.increment(1);
+        } else if status.is_client_error() {
+            self.client_error.increment(1);
+        } else {
+            self.ok.increment(1);
+        }
+    }
+}
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub(crate) pool: Pool<Upstream>,
+    pub(crate) stack: Stack,
+    pub(crate) max_body: usize,
+    pub(crate) render: Option<MetricsRender>,
+    pub(crate) counters: Counters,
+    pub(crate) extractor: HeaderExtractor,
+    pub(crate) replica_headers: Vec<(ReplicaId, HeaderValue)>,
+}
+
+/// One connection's handle on the stack (a connection serves one request at a time, so the lock is
+/// uncontended; it exists because the stack is `&mut` and the request future is `'static`).
+pub(crate) struct ConnState {
+    shared: Arc<Shared>,
+    stack: Mutex<Stack>,
+}
+
+impl ConnState {
+    pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
+        let stack = Mutex::new(shared.stack.clone());
+        Arc::new(ConnState { shared, stack })
+    }
+}
+
+/// The hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded, as bits of a mask.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    match name.as_str() {
+        "connection" => 1,
+        "keep-alive" => 2,
+        "proxy-connection" => 4,
+        "te" => 8,
+        "trailer" => 16,
+        "transfer-encoding" => 32,
+        "upgrade" => 64,
+        _ => 0,
+    }
+}
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the (few) headers; then remove only what is there.
+    let mask = headers.keys().fold(0u8, |m, k| m | hop_by_hop_bit(k));
+    if mask == 0 {
+        return;
+    }
+    if mask & 1 != 0 {
+        // `Connection: keep-alive` / `close` (the usual values) name no other header.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            headers.remove(*name);
+        }
+    }
+}
+
+/// Handles one request.
+pub(crate) async fn handle(conn: Arc<ConnState>, req: Request<Incoming>) -> Response<GatewayBody> {
+    let shared = &conn.shared;
+    let resp = route(&conn, req).await;
+    shared.counters.record(resp.status());
+    resp
+}
+
+async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody> {
+    let shared = &conn.shared;
+    let kind = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/chat/completions") => Some(ApiKind::Chat),
+        (&Method::POST, "/v1/completions") => Some(ApiKind::Completion),
+        (&Method::GET, "/metrics") => return metrics(shared),
+        (&Method::GET, "/health") => return health(shared),
+        _ => None,
+    };
+    for (name, value) in req.headers() {
+        let b = value.as_bytes();
+        if !b.is_ascii() && std::str::from_utf8(b).is_err() {
+            let msg = format!("header {name} is not valid UTF-8");
+            return error(StatusCode::BAD_REQUEST, "invalid_request_error", &msg);
+        }
+    }
+    let (mut parts, body) = req.into_parts();
+    if body.size_hint().lower() > shared.max_body as u64 {
+        return too_large(shared.max_body);
+    }
+    let bytes = match read_body(body, shared.max_body).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => return too_large(shared.max_body),
+        Err(ReadError::Io) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "could not read the request body",
+            )
+        }
+    };
+    let ctx = match kind {
+        Some(kind) => {
+            let info = match inspect_body(kind, &bytes) {
+                Ok(info) => info,
+                Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &msg),
+            };
+            match shared.extractor.extract_headers(&parts.headers) {
+                Ok(mut ctx) => {
+                    ctx.estimated_tokens = info.estimated_tokens();
+                    Some(ctx)
+                }
+                Err(e) => return route_error(&e),
+            }
+        }
+        None => None,
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    let mut up = Request::from_parts(parts, Full::new(bytes));
+    if let Some(ctx) = ctx {
+        up.extensions_mut().insert(ctx);
+    }
+    let fut = {
+        let mut stack = conn.stack.lock();
+        let waker = futures_util::task::noop_waker_ref();
+        match tower::Service::poll_ready(&mut *stack, &mut Context::from_waker(waker)) {
+            Poll::Ready(Ok(())) => Ok(tower::Service::call(&mut *stack, up)),
+            Poll::Ready(Err(e)) => return route_error(&e),
+            // A layer that applies back-pressure: wait on a clone of the stack instead.
+            Poll::Pending => Err((stack.clone(), up)),
+        }
+    };
+    let result = match fut {
+        Ok(f) => f.await,
+        Err((s, up)) => tower::ServiceExt::oneshot(s, up).await,
+    };
+    match result {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(d) = parts.extensions.get::<Decision>() {
+                // As `affinity::annotate_response`, with the replica ids' header values prepared once.
+                let affinity = match d.reason() {
+                    DecisionReason::Home => Some("home"),
+                    DecisionReason::Spill => Some("spill"),
+                    DecisionReason::Failover => Some("failover"),
+                    _ => None,
+                };
+                let id = shared
+                    .replica_headers
+                    .iter()
+                    .find(|(id, _)| id == d.replica())
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| HeaderValue::from_str(d.replica().as_str()).ok());
+                if let Some(a) = affinity {
+                    parts
+                        .headers
+                        .insert(AFFINITY_HEADER, HeaderValue::from_static(a));
+                }
+                if let Some(id) = id {
+                    parts.headers.insert(REPLICA_HEADER, id);
+                }
+            }
+            Response::from_parts(parts, GatewayBody::Upstream(body))
+        }
+        Err(e) => route_error(&e),
+    }
+}
+
+enum ReadError {
+    TooLarge,
+    Io,
+}
+
+/// Reads a request body of at most `max` bytes. The usual case, a body that arrives in one frame,
+/// is kept as that frame's buffer: no copy, no allocation.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, ReadError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<bytes::BytesMut> = None;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let Ok(data) = frame.map_err(|_| ReadError::Io)?.into_data() else {
+            continue;
+        };
+        let len = match (&first, &rest) {
+            (_, Some(r)) => r.len() + data.len(),
+            (Some(f), None) => f.len() + data.len(),
+            (None, None) => data.len(),
+        };
+        if len > max {
+            return Err(ReadError::TooLarge);
+        }
+        match (&first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut r = bytes::BytesMut::with_capacity(len.max(2 * f.len()));
+                r.extend_from_slice(f);
+                r.extend_from_slice(&data);
+                rest = Some(r);
+            }
+            (Some(_), Some(r)) => r.extend_from_slice(&data),
+        }
+    }
+    Ok(match rest {
+        Some(r) => r.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
+fn route_error(e: &RouteError) -> Response<GatewayBody> {
+    metrics::counter!("gateway_route_errors_total", "code" => e.code()).increment(1);
+    e.to_http_response().map(GatewayBody::local)
+}
+
+fn too_large(max: usize) -> Response<GatewayBody> {
+    let msg = format!("request body larger than {max} bytes");
+    error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", &msg)
+}
+
+/// An OpenAI-style error response.
+pub(crate) fn error(status: StatusCode, kind: &str, message: &str) -> Response<GatewayBody> {
+    let mut body = String::with_capacity(64 + message.len());
+    body.push_str("{\"error\":{\"message\":\"");
+    json_escape_into(message, &mut body);
+    let _ = write!(
+        body,
+        "\",\"type\":\"{kind}\",\"param\":null,\"code\":{}}}}}",
+        status.as_u16()
+    );
+    let mut r = Response::new(GatewayBody::local(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn health(shared: &Shared) -> Response<GatewayBody> {
+    let snap = shared.pool.load();
+    if snap.eligible().is_empty() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_replica",
+            "no replica is eligible",
+        )
+    } else {
+        Response::new(GatewayBody::local(Bytes::from_static(b"ok\n")))
+    }
+}
+
+/// A per-replica gauge: name, help text, and how to read it from the replica's state.
+type Series = (
+    &'static str,
+    &'static str,
+    fn(&crate::pool::ReplicaState) -> f64,
+);
+
+fn metrics(shared: &Shared) -> Response<GatewayBody> {
+    let mut out = shared.render.as_ref().map(|r| r()).unwrap_or_default();
+    let snap = shared.pool.load();
+    let series: [Series; 4] = [
+        (
+            "gateway_replica_in_flight",
+            "Requests in flight on the replica (until their body ends).",
+            |s| s.in_flight() as f64,
+        ),
+        (
+            "gateway_replica_in_flight_tokens",
+            "Estimated tokens in flight on the replica.",
+            |s| s.in_flight_tokens() as f64,
+        ),
+        (
+            "gateway_replica_eligible",
+            "1 if the replica may take new requests.",
+            |s| f64::from(u8::from(s.is_eligible())),
+        ),
+        (
+            "gateway_replica_completed",
+            "Requests the replica completed.",
+            |s| s.completed() as f64,
+        ),
+    ];
+    for (name, help, f) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for r in snap.replicas() {
+            let mut id = String::new();
+            json_escape_into(r.id().as_str(), &mut id);
+            let _ = writeln!(out, "{name}{{replica=\"{id}\"}} {}", f(r.state()));
+        }
+    }
+    let mut resp = Response::new(GatewayBody::local(out));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_others_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("x-session-id", HeaderValue::from_static("conv-1"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-session-id", "content-type"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xff, ,,").unwrap(),
+        );
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+}

@@ -1,0 +1,156 @@
+//! The routing policies compared, each a stack of the crate's real layers.
+
+use std::fmt;
+
+use tower::util::BoxCloneService;
+use tower::ServiceBuilder;
+
+use crate::affinity::{AffinityConfigError, AffinityKey, AffinityLayer};
+use crate::balance::{LeastInFlightLayer, LoadMeasure, RoundRobinLayer};
+use crate::dispatch::Dispatch;
+use crate::error::RouteError;
+use crate::pool::Pool;
+use crate::rng::RngSeed;
+use crate::sim::backend::{SimBackend, SimRequest, SimStream};
+
+/// The balance factor that stands for "never spill": plain consistent hashing with pins.
+const NEVER_SPILL: f64 = 1e12;
+
+/// A routing policy, as a stack of the crate's layers over [`Dispatch`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    /// [`RoundRobinLayer`]: rotate over the eligible replicas.
+    RoundRobin,
+    /// [`LeastInFlightLayer`]: weighted power of two choices on requests in flight.
+    LeastLoaded,
+    /// [`AffinityLayer`] in front of [`LeastInFlightLayer`].
+    Affinity {
+        /// Which key places a request (session or user).
+        key: AffinityKey,
+        /// The balance factor `c`; `None` never spills (the load bound and the pinned-overload
+        /// cap are both infinite): plain sticky consistent hashing with pins.
+        balance_factor: Option<f64>,
+        /// What counts as load, for the bound and for the least-loaded fallback.
+        measure: LoadMeasure,
+    },
+}
+
+impl Policy {
+    /// Plain sticky sessions: consistent hashing by session key, never spilling.
+    pub const STICKY: Policy = Policy::Affinity {
+        key: AffinityKey::Session,
+        balance_factor: None,
+        measure: LoadMeasure::InFlightRequests,
+    };
+
+    /// Plain sticky routing by user key.
+    pub const STICKY_USER: Policy = Policy::Affinity {
+        key: AffinityKey::User,
+        balance_factor: None,
+        measure: LoadMeasure::InFlightRequests,
+    };
+
+    /// Affinity with bounded loads by session key, `c = 1.25` (the layer's default).
+    pub const BOUNDED: Policy = Policy::Affinity {
+        key: AffinityKey::Session,
+        balance_factor: Some(1.25),
+        measure: LoadMeasure::InFlightRequests,
+    };
+
+    /// Affinity with bounded loads by user key, `c = 1.25`.
+    pub const BOUNDED_USER: Policy = Policy::Affinity {
+        key: AffinityKey::User,
+        balance_factor: Some(1.25),
+        measure: LoadMeasure::InFlightRequests,
+    };
+
+    /// Affinity with bounded loads by session key, `c = 1.25`, load measured in estimated
+    /// tokens in flight rather than requests.
+    pub const BOUNDED_TOKENS: Policy = Policy::Affinity {
+        key: AffinityKey::Session,
+        balance_factor: Some(1.25),
+        measure: LoadMeasure::InFlightTokens,
+    };
+
+    /// The policies of the standard comparison, in table order.
+    pub const STANDARD: [Policy; 7] = [
+        Policy::RoundRobin,
+        Policy::LeastLoaded,
+        Policy::STICKY,
+        Policy::BOUNDED,
+        Policy::BOUNDED_TOKENS,
+        Policy::STICKY_USER,
+        Policy::BOUNDED_USER,
+    ];
+
+    /// Builds the stack over `pool`; `seed` fixes every random choice.
+    pub(crate) fn stack(
+        &self,
+        pool: &Pool<SimBackend>,
+        seed: u64,
+    ) -> Result<BoxCloneService<SimRequest, SimStream, RouteError>, AffinityConfigError> {
+        let dispatch = Dispatch::with_seed(pool.clone(), RngSeed::fixed(seed ^ 0xD15));
+        let least = LeastInFlightLayer::new(pool.clone()).seed(RngSeed::fixed(seed ^ 0x1EA5));
+        Ok(match *self {
+            Policy::RoundRobin => BoxCloneService::new(
+                ServiceBuilder::new()
+                    .layer(RoundRobinLayer::new(pool.clone()))
+                    .service(dispatch),
+            ),
+            Policy::LeastLoaded => {
+                BoxCloneService::new(ServiceBuilder::new().layer(least).service(dispatch))
+            }
+            Policy::Affinity {
+                key,
+                balance_factor,
+                measure,
+            } => {
+                let builder = AffinityLayer::builder(pool.clone())
+                    .key(key)
+                    .measure(measure);
+                let least = least.measure(measure);
+                let builder = match balance_factor {
+                    Some(c) => builder.balance_factor(c),
+                    None => builder
+                        .balance_factor(NEVER_SPILL)
+                        .pinned_overload_factor(f64::INFINITY),
+                };
+                let affinity = builder.build()?;
+                BoxCloneService::new(
+                    ServiceBuilder::new()
+                        .layer(affinity)
+                        .layer(least)
+                        .service(dispatch),
+                )
+            }
+        })
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::RoundRobin => f.write_str("round-robin"),
+            Policy::LeastLoaded => f.write_str("least-loaded (p2c)"),
+            Policy::Affinity {
+                key,
+                balance_factor,
+                measure,
+            } => {
+                let by = match key {
+                    AffinityKey::Session => "session",
+                    AffinityKey::User => "user",
+                    AffinityKey::SessionThenUser => "session/user",
+                };
+                match balance_factor {
+                    None => write!(f, "sticky by {by}")?,
+                    Some(c) => write!(f, "bounded c={c} by {by}")?,
+                }
+                match measure {
+                    LoadMeasure::InFlightRequests => Ok(()),
+                    LoadMeasure::InFlightTokens => f.write_str(" (tokens)"),
+                }
+            }
+        }
+    }
+}

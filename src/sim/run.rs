@@ -1,0 +1,464 @@
+//! Running a workload through a policy's stack, in virtual time.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceExt};
+
+use crate::affinity::AffinityConfigError;
+use crate::context::RouteContext;
+use crate::decision::DecisionReason;
+use crate::error::{PoolError, RouteError};
+use crate::mock::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest};
+use crate::pool::Pool;
+use crate::replica::{ReplicaSpec, SpecPolicy};
+use crate::request::RouteRequest;
+use crate::sim::backend::{SimBackend, SimRequest, SimStream};
+use crate::sim::policy::Policy;
+use crate::sim::report::{Percentiles, PolicyReport, ReasonCounts, ReplicaReport};
+use crate::sim::scenario::Scenario;
+use crate::sim::workload::{SessionPlan, Workload};
+
+/// Knobs of a run beyond the scenario and the workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimOptions {
+    /// Seeds the routers' random choices (the workload has its own seed).
+    pub seed: u64,
+    /// How often the replicas' in-flight counts are sampled for the load figures.
+    pub sample_every: Duration,
+    /// Wait before retrying a request that found no replica.
+    pub retry_backoff: Duration,
+    /// Attempts per turn before the session is abandoned.
+    pub max_attempts: u32,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            seed: 1,
+            sample_every: Duration::from_millis(100),
+            retry_backoff: Duration::from_millis(500),
+            max_attempts: 20,
+        }
+    }
+}
+
+/// Why a simulation could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimSetupError {
+    /// The scenario's replica set is not a valid pool (no replicas, bad ids or weights).
+    #[error("invalid replica set: {0}")]
+    Pool(#[from] PoolError),
+    /// The policy's affinity settings are invalid.
+    #[error("invalid policy: {0}")]
+    Policy(#[from] AffinityConfigError),
+    /// The failure names a replica the scenario does not have.
+    #[error("the failure names replica {0}, which the scenario does not have")]
+    FailureReplica(usize),
+    /// The workload's prompts were hashed for another block size than the engines use.
+    #[error("the workload has {workload}-token blocks but the engines use {engine}-token blocks")]
+    BlockSize {
+        /// The workload's block size.
+        workload: u32,
+        /// The engines' block size.
+        engine: u32,
+    },
+    /// The tokio runtime could not be built.
+    #[error("cannot build the runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Runs `workload` on `scenario` through `policy`'s stack and measures it.
+///
+/// The run gets its own single-threaded tokio runtime with a paused clock, so it takes virtual
+/// time (a 10-minute workload runs in seconds) and its result depends only on its inputs.
+///
+/// ```
+/// use replica_router::sim::{simulate, Policy, Scenario, SimOptions, Workload, WorkloadConfig};
+/// use std::time::Duration;
+///
+/// let cfg = WorkloadConfig { sessions: 20, arrival_window: Duration::from_secs(30), ..Default::default() };
+/// let workload = Workload::generate(&cfg, 1, 16);
+/// let scenario = Scenario::homogeneous(2);
+/// let report = simulate(&scenario, &workload, Policy::BOUNDED, &SimOptions::default()).unwrap();
+/// assert_eq!(report.requests_completed as usize, workload.requests());
+/// assert_eq!(report.leftover_in_flight, 0);
+/// ```
+pub fn simulate(
+    scenario: &Scenario,
+    workload: &Workload,
+    policy: Policy,
+    options: &SimOptions,
+) -> Result<PolicyReport, SimSetupError> {
+    if let Some(f) = scenario.failure {
+        if f.replica >= scenario.replicas.len() {
+            return Err(SimSetupError::FailureReplica(f.replica));
+        }
+    }
+    if workload.block_size != scenario.engine.block_size() {
+        return Err(SimSetupError::BlockSize {
+            workload: workload.block_size,
+            engine: scenario.engine.block_size(),
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()?;
+    rt.block_on(run(scenario, workload, policy, options))
+}
+
+/// A completed request, as the client saw it.
+struct Record {
+    ttft: Duration,
+    e2e: Duration,
+    done_at: Duration,
+    completion_tokens: u32,
+    replica: usize,
+    reason: DecisionReason,
+    moved: bool,
+    /// Prompt tokens prefilled for this turn (not found in the replica's cache).
+    prefilled: u32,
+}
+
+#[derive(Default)]
+struct SessionOutcome {
+    records: Vec<Record>,
+    aborted: u64,
+    retries: u64,
+    abandoned: bool,
+    routed_to_failed: u64,
+}
+
+/// What every session task shares.
+struct Env {
+    start: Instant,
+    block_size: u32,
+    ids: Vec<String>,
+    failure: Option<(usize, Duration)>,
+    options: SimOptions,
+}
+
+impl Env {
+    fn index_of(&self, id: &str) -> usize {
+        self.ids.iter().position(|i| i == id).unwrap_or(usize::MAX)
+    }
+
+    /// Whether sending to replica `index` now goes to the failed replica after its failure.
+    fn is_after_failure(&self, index: usize) -> bool {
+        matches!(self.failure, Some((f, at)) if f == index && self.start.elapsed() > at)
+    }
+}
+
+type Stack = BoxCloneService<SimRequest, SimStream, RouteError>;
+
+async fn run(
+    scenario: &Scenario,
+    workload: &Workload,
+    policy: Policy,
+    options: &SimOptions,
+) -> Result<PolicyReport, SimSetupError> {
+    let start = Instant::now();
+    let mut builder = Pool::builder().spec_policy(SpecPolicy::MixedParallelism);
+    let mut backends = Vec::with_capacity(scenario.replicas.len());
+    for r in &scenario.replicas {
+        let engine = MockEngine::new(MockConfig {
+            tp: r.tp,
+            ..scenario.engine.clone()
+        });
+        let backend = SimBackend::new(engine);
+        let spec = ReplicaSpec::new(scenario.engine.model.clone())
+            .tensor_parallel(r.tp)
+            .capacity_weight(r.weight);
+        builder = builder.replica(&r.id, spec, backend.clone());
+        backends.push(backend);
+    }
+    let pool = builder.build()?;
+    let stack = policy.stack(&pool, options.seed)?;
+    let env = Arc::new(Env {
+        start,
+        block_size: workload.block_size,
+        ids: scenario.replicas.iter().map(|r| r.id.clone()).collect(),
+        failure: scenario.failure.map(|f| (f.replica, f.at)),
+        options: options.clone(),
+    });
+
+    // Load sampler: time-averaged requests in flight per replica.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let pool = pool.clone();
+        let done = done.clone();
+        let every = options.sample_every.max(Duration::from_millis(1));
+        tokio::spawn(async move {
+            let snapshot = pool.snapshot();
+            let mut sums = vec![0u64; snapshot.len()];
+            let mut samples = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                tokio::time::sleep(every).await;
+                for (s, r) in sums.iter_mut().zip(snapshot.replicas()) {
+                    *s += r.state().in_flight();
+                }
+                samples += 1;
+            }
+            (sums, samples)
+        })
+    };
+
+    if let Some(f) = scenario.failure {
+        let pool = pool.clone();
+        let backend = backends[f.replica].clone();
+        let id = scenario.replicas[f.replica].id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start + f.at).await;
+            // Eject first so the retries of the broken requests already go elsewhere.
+            let _ = pool.eject(&id);
+            backend.kill();
+        });
+    }
+
+    let tasks: Vec<_> = workload
+        .sessions
+        .iter()
+        .map(|plan| tokio::spawn(run_session(plan.clone(), stack.clone(), env.clone())))
+        .collect();
+    drop(stack);
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        outcomes.push(joined(t.await));
+    }
+    let makespan = start.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let (sums, samples) = joined(sampler.await);
+
+    let snapshot = pool.snapshot();
+    let leftover_in_flight = snapshot
+        .replicas()
+        .iter()
+        .map(|r| r.state().in_flight() + r.state().in_flight_tokens())
+        .sum();
+    Ok(summarize(
+        scenario,
+        workload,
+        policy,
+        &backends,
+        outcomes,
+        (sums, samples),
+        makespan,
+        leftover_in_flight,
+    ))
+}
+
+/// A task's output; a task that panicked re-raises its panic here (a bug in the simulation).
+fn joined<T: Default>(result: Result<T, tokio::task::JoinError>) -> T {
+    match result {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => T::default(),
+        },
+    }
+}
+
+async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> SessionOutcome {
+    let mut out = SessionOutcome::default();
+    tokio::time::sleep_until(env.start + plan.arrival).await;
+    let session = plan.session_key();
+    let user = plan.user_key();
+    let mut last_replica: Option<usize> = None;
+    'turns: for turn in &plan.turns {
+        if !turn.think.is_zero() {
+            tokio::time::sleep(turn.think).await;
+        }
+        let t0 = Instant::now();
+        let blocks = (turn.prompt_tokens / env.block_size) as usize;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if attempts > env.options.max_attempts {
+                out.abandoned = true;
+                break 'turns;
+            }
+            let prompt = MockPrompt::Blocks {
+                block_hashes: plan.blocks[..blocks.min(plan.blocks.len())].to_vec(),
+                prompt_tokens: turn.prompt_tokens,
+            };
+            let mut req = SimRequest::new(MockRequest::new(prompt, turn.answer_tokens).streamed());
+            req.set_route_context(RouteContext {
+                session: Some(session.clone().into()),
+                user: Some(user.clone().into()),
+                estimated_tokens: u64::from(turn.prompt_tokens) + u64::from(turn.answer_tokens),
+                ..RouteContext::default()
+            });
+            let sent = match stack.ready().await {
+                Ok(svc) => svc.call(req).await,
+                Err(e) => Err(e),
+            };
+            let mut stream = match sent {
+                Ok(s) => s,
+                Err(RouteError::Backend { replica, .. }) => {
+                    // The replica failed the request: retry at once (the pool routes around it).
+                    if env.is_after_failure(env.index_of(replica.as_str())) {
+                        out.routed_to_failed += 1;
+                    }
+                    out.retries += 1;
+                    continue;
+                }
+                Err(_) => {
+                    out.retries += 1;
+                    tokio::time::sleep(env.options.retry_backoff).await;
+                    continue;
+                }
+            };
+            let (replica, reason) = match stream.decision() {
+                Some(d) => (env.index_of(d.replica().as_str()), d.reason()),
+                None => (usize::MAX, DecisionReason::LeastLoaded),
+            };
+            if env.is_after_failure(replica) {
+                out.routed_to_failed += 1;
+            }
+            let mut ttft = None;
+            loop {
+                match stream.next_event().await {
+                    Ok(Some(MockEvent::Token { .. })) => {
+                        if ttft.is_none() {
+                            ttft = Some(t0.elapsed());
+                        }
+                    }
+                    Ok(Some(MockEvent::Done(usage))) => {
+                        let now = Instant::now();
+                        out.records.push(Record {
+                            ttft: ttft.unwrap_or(now - t0),
+                            e2e: now - t0,
+                            done_at: now - env.start,
+                            completion_tokens: usage.completion_tokens,
+                            replica,
+                            reason,
+                            moved: last_replica.is_some_and(|r| r != replica),
+                            prefilled: usage.prompt_tokens - usage.cached_tokens,
+                        });
+                        last_replica = Some(replica);
+                        continue 'turns;
+                    }
+                    Ok(None) | Err(_) => {
+                        out.aborted += 1;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    scenario: &Scenario,
+    workload: &Workload,
+    policy: Policy,
+    backends: &[SimBackend],
+    outcomes: Vec<SessionOutcome>,
+    (sums, samples): (Vec<u64>, u64),
+    makespan: Duration,
+    leftover_in_flight: u64,
+) -> PolicyReport {
+    let window = workload.config.arrival_window;
+    let mut ttfts = Vec::new();
+    let mut e2es = Vec::new();
+    let mut reasons = ReasonCounts::default();
+    let mut per_replica_requests = vec![0u64; backends.len()];
+    let (mut moved, mut aborted, mut retries, mut abandoned, mut routed_to_failed) =
+        (0, 0, 0, 0, 0);
+    let mut replayed = 0u64;
+    let mut window_tokens = 0u64;
+    for o in &outcomes {
+        aborted += o.aborted;
+        retries += o.retries;
+        abandoned += u64::from(o.abandoned);
+        routed_to_failed += o.routed_to_failed;
+        for r in &o.records {
+            ttfts.push(r.ttft);
+            e2es.push(r.e2e);
+            if r.moved {
+                moved += 1;
+                replayed += u64::from(r.prefilled);
+            }
+            if r.done_at <= window {
+                window_tokens += u64::from(r.completion_tokens);
+            }
+            if let Some(n) = per_replica_requests.get_mut(r.replica) {
+                *n += 1;
+            }
+            match r.reason {
+                DecisionReason::Home => reasons.home += 1,
+                DecisionReason::Spill => reasons.spill += 1,
+                DecisionReason::Failover => reasons.failover += 1,
+                DecisionReason::LeastLoaded => reasons.least_loaded += 1,
+                DecisionReason::RoundRobin => reasons.round_robin += 1,
+                _ => reasons.redirected += 1,
+            }
+        }
+    }
+    let ttft_mean = if ttfts.is_empty() {
+        Duration::ZERO
+    } else {
+        ttfts.iter().sum::<Duration>() / ttfts.len() as u32
+    };
+    let replicas: Vec<ReplicaReport> = scenario
+        .replicas
+        .iter()
+        .zip(backends)
+        .enumerate()
+        .map(|(i, (plan, b))| {
+            let stats = b.engine().stats();
+            ReplicaReport {
+                id: plan.id.clone(),
+                weight: plan.weight,
+                requests: per_replica_requests[i],
+                mean_in_flight: sums.get(i).copied().unwrap_or(0) as f64 / samples.max(1) as f64,
+                prefix_queries: stats.prefix_queries,
+                prefix_hits: stats.prefix_hits,
+            }
+        })
+        .collect();
+    let (queries, hits) = replicas.iter().fold((0, 0), |(q, h), r| {
+        (q + r.prefix_queries, h + r.prefix_hits)
+    });
+    PolicyReport {
+        policy,
+        requests_planned: workload.requests() as u64,
+        requests_completed: ttfts.len() as u64,
+        ttft: Percentiles::of(&mut ttfts),
+        e2e: Percentiles::of(&mut e2es),
+        ttft_mean,
+        throughput: window_tokens as f64 / window.as_secs_f64().max(1e-9),
+        makespan,
+        prefix_hit_rate: hits as f64 / queries.max(1) as f64,
+        prefill_computed: queries - hits,
+        load_imbalance: imbalance(&replicas, |r| r.mean_in_flight),
+        work_imbalance: imbalance(&replicas, |r| r.prefill_computed() as f64),
+        reasons,
+        moved,
+        replayed,
+        aborted,
+        retries,
+        abandoned_sessions: abandoned,
+        routed_to_failed,
+        leftover_in_flight,
+        replicas,
+    }
+}
+
+/// `max_i(x_i / w_i) / (sum x / sum w)`: 1.0 when every replica carries its weight's share.
+fn imbalance(replicas: &[ReplicaReport], x: impl Fn(&ReplicaReport) -> f64) -> f64 {
+    let total: f64 = replicas.iter().map(&x).sum();
+    let weight: f64 = replicas.iter().map(|r| r.weight).sum();
+    if total <= 0.0 || weight <= 0.0 {
+        return 1.0;
+    }
+    let mean = total / weight;
+    replicas.iter().map(|r| x(r) / r.weight).fold(0.0, f64::max) / mean
+}
