@@ -11,6 +11,7 @@
 //! | [`RouteError::QuotaExceeded`] | 429 Too Many Requests | yes |
 //! | [`RouteError::InvalidKey`] | 400 Bad Request | no |
 //! | [`RouteError::InvalidRequest`] | 400 Bad Request | no |
+//! | [`RouteError::NoRoute`] | 404 Not Found | no |
 //! | [`RouteError::Backend`] | 502 Bad Gateway | no |
 //! | [`RouteError::Unavailable`] | 503 Service Unavailable | no |
 //!
@@ -120,6 +121,15 @@ pub enum RouteError {
         #[source]
         source: BoxError,
     },
+    /// The request names a model (or route) that no pool serves, or matches no route and there
+    /// is no default (HTTP 404, as OpenAI-compatible servers answer an unknown model). Raised by
+    /// [`Select`](crate::select::Select).
+    #[error("no route for {}", no_route_target(.route))]
+    NoRoute {
+        /// The model or route name the request asked for (printable, shortened), or `None` when
+        /// it named none and matched no route.
+        route: Option<String>,
+    },
     /// A dependency of the router (such as the counter store, under a fail-closed policy) is
     /// unavailable (HTTP 503).
     #[error("routing dependency unavailable: {0}")]
@@ -144,6 +154,7 @@ impl RouteError {
                 S::TOO_MANY_REQUESTS
             }
             RouteError::InvalidKey { .. } | RouteError::InvalidRequest(_) => S::BAD_REQUEST,
+            RouteError::NoRoute { .. } => S::NOT_FOUND,
             RouteError::Backend { .. } => S::BAD_GATEWAY,
         }
     }
@@ -173,6 +184,7 @@ impl RouteError {
             RouteError::QuotaExceeded { .. } => "quota_exceeded",
             RouteError::InvalidKey { .. } => "invalid_key",
             RouteError::InvalidRequest(_) => "invalid_request",
+            RouteError::NoRoute { .. } => "route_not_found",
             RouteError::Backend { .. } => "backend_error",
             RouteError::Unavailable(_) => "unavailable",
         }
@@ -214,6 +226,13 @@ impl RouteError {
             replica,
             source: source.into(),
         }
+    }
+}
+
+fn no_route_target(route: &Option<String>) -> String {
+    match route {
+        Some(r) => format!("`{r}`"),
+        None => "this request".to_owned(),
     }
 }
 
@@ -323,6 +342,19 @@ mod tests {
         let s = std::str::from_utf8(r.body()).unwrap();
         assert!(s.contains("bad \\\"quote\\\"\\n"), "{s}");
         assert_eq!(r.status(), 400);
+    }
+
+    #[test]
+    fn no_route_is_404() {
+        let e = RouteError::NoRoute {
+            route: Some("gpt-9".into()),
+        };
+        assert_eq!(e.status_code(), 404);
+        assert_eq!(e.to_string(), "no route for `gpt-9`");
+        let e = RouteError::NoRoute { route: None };
+        assert_eq!(e.to_string(), "no route for this request");
+        assert_eq!(e.code(), "route_not_found");
+        assert!(e.retry_after().is_none());
     }
 
     #[test]

@@ -34,7 +34,15 @@
 //! Beside them: [`health`] (active probes, outlier ejection with back-off, slow-start
 //! re-admission, failover of requests whose replica died before answering, drain), [`load`]
 //! (vLLM's Prometheus `/metrics` as load reports), [`autoscale`] (scale out / hold / scale in
-//! from p95 queue wait, utilization and shed rate).
+//! from p95 queue wait, utilization and shed rate), [`rollout`] (rolling restarts at most
+//! `max_unavailable` replicas at a time: drain, restart, probe until ready, slow-start
+//! readmission; and staggered starts of new replicas, so N replicas never load N copies of the
+//! weights at once), [`select`] (one gateway in front of several pools: chat, batch, embeddings,
+//! small and large model tiers, by path, model or priority, without one saturated pool blocking
+//! another).
+//!
+//! The [`guide`] walks through the data-parallel inference guide's policies, pitfalls and
+//! production checklist item by item, with the part of this crate that serves each.
 //!
 //! ## A chat stack
 //! ```
@@ -88,6 +96,7 @@ pub mod decision;
 pub mod dispatch;
 pub mod error;
 pub mod future;
+pub mod guide;
 pub mod health;
 #[cfg(feature = "http-backend")]
 pub mod http_backend;
@@ -98,6 +107,8 @@ pub mod quota;
 pub mod replica;
 pub mod request;
 pub mod rng;
+pub mod rollout;
+pub mod select;
 pub mod shed;
 pub mod store;
 

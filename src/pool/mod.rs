@@ -392,6 +392,36 @@ impl<B> Pool<B> {
         Ok(out)
     }
 
+    /// The pool's spec policy.
+    pub fn spec_policy(&self) -> SpecPolicy {
+        self.shared.policy
+    }
+
+    /// Checks that a replica could join now (valid id, spec and weight, no member with that id,
+    /// the pool's [`SpecPolicy`]) without adding it, so a new replica can be validated before
+    /// paying for its weight download. Returns the validated id.
+    ///
+    /// ```
+    /// use replica_router::pool::Pool;
+    /// use replica_router::replica::ReplicaSpec;
+    /// let pool = Pool::builder().replica("a", ReplicaSpec::new("m"), ()).build().unwrap();
+    /// assert!(pool.check_new("b", &ReplicaSpec::new("m")).is_ok());
+    /// assert!(pool.check_new("a", &ReplicaSpec::new("m")).is_err()); // duplicate
+    /// assert!(pool.check_new("c", &ReplicaSpec::new("other")).is_err()); // model mismatch
+    /// ```
+    pub fn check_new(&self, id: &str, spec: &ReplicaSpec) -> Result<ReplicaId, PoolError> {
+        let id = ReplicaId::new(id)?;
+        spec.validate(&id)?;
+        let snap = self.shared.current.load();
+        if snap.index.contains_key(id.as_str()) {
+            return Err(PoolError::DuplicateReplica(id));
+        }
+        if let Some(first) = snap.replicas.first() {
+            self.shared.policy.check(&first.spec, &id, spec)?;
+        }
+        Ok(id)
+    }
+
     /// Adds a replica at run time. It starts healthy; with slow start configured, its weight
     /// ramps up (its prefix cache is cold).
     pub fn add(&self, id: impl AsRef<str>, spec: ReplicaSpec, backend: B) -> Result<(), PoolError> {

@@ -1,0 +1,86 @@
+//! Waiting until a replica passes its probe.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+use crate::rollout::config::ReadyGate;
+use crate::rollout::error::StepError;
+use crate::rollout::PROBE_FAILURES_COUNTER;
+
+/// How a replica became ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// Probes sent, the passing ones included.
+    pub probes: u32,
+    /// Time from the first probe to readiness.
+    pub waited: Duration,
+}
+
+/// Probes `backend` through [`Backend::probe`] until it passes `gate.consecutive` times in a row,
+/// every `gate.interval`, each probe bounded by `gate.probe_timeout`; fails with
+/// [`StepError::NotReady`] when `gate.timeout` passes first. The first probe goes at once.
+/// `on_failure(attempt, error)` hears about every failed probe.
+///
+/// ```
+/// use replica_router::backend::ServiceBackend;
+/// use replica_router::rollout::{wait_until_ready, ReadyGate};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let replica = ServiceBackend::new(tower::service_fn(|_req: ()| async {
+///     Ok::<_, std::convert::Infallible>(())
+/// }));
+/// let ready = wait_until_ready(&replica, &ReadyGate::default(), |_, _| {}).await.unwrap();
+/// assert_eq!(ready.probes, 1);
+/// # }
+/// ```
+pub async fn wait_until_ready<B: Backend>(
+    backend: &B,
+    gate: &ReadyGate,
+    mut on_failure: impl FnMut(u32, &str),
+) -> Result<Readiness, StepError> {
+    let start = Instant::now();
+    let deadline = start + gate.timeout;
+    let interval = gate.interval.max(Duration::from_millis(1));
+    let need = gate.consecutive.max(1);
+    let mut probes = 0u32;
+    let mut streak = 0u32;
+    let mut last_error = String::from("no probe sent");
+    loop {
+        let sent = Instant::now();
+        probes = probes.saturating_add(1);
+        match tokio::time::timeout(gate.probe_timeout, backend.probe()).await {
+            Ok(Ok(())) => {
+                streak += 1;
+                if streak >= need {
+                    return Ok(Readiness {
+                        probes,
+                        waited: sent.saturating_duration_since(start),
+                    });
+                }
+            }
+            Ok(Err(e)) => {
+                streak = 0;
+                last_error = e.to_string();
+            }
+            Err(_) => {
+                streak = 0;
+                last_error = format!("probe timed out after {:?}", gate.probe_timeout);
+            }
+        }
+        if streak == 0 {
+            metrics::counter!(PROBE_FAILURES_COUNTER).increment(1);
+            on_failure(probes, &last_error);
+        }
+        let next = sent + interval;
+        if next > deadline {
+            return Err(StepError::NotReady {
+                probes,
+                waited: Instant::now().saturating_duration_since(start),
+                last_error,
+            });
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
