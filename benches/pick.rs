@@ -6,68 +6,21 @@
 //!
 //! Run: `cargo bench --bench pick`
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod support;
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::ready;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use support::{Noop, ALLOCS};
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use futures_util::FutureExt;
-use http_body_util::Full;
-use replica_router::backend::Backend;
 use replica_router::balance::{pick_two_choices, LeastInFlightLayer, LoadMeasure};
 use replica_router::dispatch::Dispatch;
 use replica_router::pool::Pool;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::rng::RngSeed;
 use tower::{Layer, Service, ServiceExt};
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-#[derive(Clone)]
-struct Noop;
-
-impl Backend for Noop {}
-
-impl Service<http::Request<()>> for Noop {
-    type Response = http::Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _req: http::Request<()>) -> Self::Future {
-        ready(Ok(http::Response::new(Full::new(Bytes::from_static(
-            b"{}",
-        )))))
-    }
-}
 
 fn ours(
     n: usize,
@@ -119,7 +72,9 @@ fn towers(n: usize) -> TowerBalance {
             tower::load::PendingRequests::new(Noop, tower::load::CompleteOnResponse::default())
         })
         .collect();
-    tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(services))
+    tower::balance::p2c::Balance::new(tower::discover::ServiceList::new::<http::Request<()>>(
+        services,
+    ))
 }
 
 fn route<S>(svc: &mut S)

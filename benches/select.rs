@@ -4,17 +4,15 @@
 //!
 //! Run: `cargo bench --bench select`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::convert::Infallible;
-use std::future::{ready, Ready};
+mod support;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use support::{Noop, ALLOCS};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::FutureExt;
 use http_body_util::Full;
-use replica_router::backend::Backend;
 use replica_router::balance::LeastInFlightLayer;
 use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
@@ -24,51 +22,6 @@ use replica_router::rng::RngSeed;
 use replica_router::select::{ByPath, Select};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-#[derive(Clone)]
-struct Noop;
-
-impl Backend for Noop {}
-
-impl Service<http::Request<()>> for Noop {
-    type Response = http::Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _req: http::Request<()>) -> Self::Future {
-        ready(Ok(http::Response::new(Full::new(Bytes::from_static(
-            b"{}",
-        )))))
-    }
-}
 
 type Stack = replica_router::balance::LeastInFlight<Dispatch<Noop>, Noop>;
 

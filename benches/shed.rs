@@ -6,18 +6,16 @@
 //!
 //! Run: `cargo bench --bench shed`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::convert::Infallible;
-use std::future::{ready, Ready};
+mod support;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::{Noop, ALLOCS};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use futures_util::FutureExt;
 use http_body_util::Full;
-use replica_router::backend::Backend;
 use replica_router::balance::LeastInFlightLayer;
 use replica_router::dispatch::Dispatch;
 use replica_router::health::{
@@ -29,51 +27,6 @@ use replica_router::rng::RngSeed;
 use replica_router::shed::{ShedLayer, WaitEstimator};
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-#[derive(Clone)]
-struct Noop;
-
-impl Backend for Noop {}
-
-impl Service<http::Request<Full<Bytes>>> for Noop {
-    type Response = http::Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _req: http::Request<Full<Bytes>>) -> Self::Future {
-        ready(Ok(http::Response::new(Full::new(Bytes::from_static(
-            b"{}",
-        )))))
-    }
-}
 
 fn pool(n: usize) -> Pool<Noop> {
     let mut b = Pool::builder().spec_policy(SpecPolicy::Unchecked);

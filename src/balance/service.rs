@@ -77,11 +77,8 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        if req.decision().is_none() {
-            match self.pick() {
-                Ok(d) => req.set_decision(d),
-                Err(e) => return RouteFuture::failed(e),
-            }
+        if let Err(e) = decide(&mut req, || self.pick()) {
+            return RouteFuture::failed(e);
         }
         RouteFuture::new(self.inner.call(req))
     }
@@ -150,12 +147,21 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        if req.decision().is_none() {
-            match self.pick() {
-                Ok(d) => req.set_decision(d),
-                Err(e) => return RouteFuture::failed(e),
-            }
+        if let Err(e) = decide(&mut req, || self.pick()) {
+            return RouteFuture::failed(e);
         }
         RouteFuture::new(self.inner.call(req))
     }
+}
+
+/// Records `pick()`'s decision on a request that has none yet; a request already decided by an
+/// outer picking layer passes untouched.
+fn decide<Req: RouteRequest>(
+    req: &mut Req,
+    pick: impl FnOnce() -> Result<Decision, RouteError>,
+) -> Result<(), RouteError> {
+    if req.decision().is_none() {
+        req.set_decision(pick()?);
+    }
+    Ok(())
 }

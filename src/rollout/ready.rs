@@ -5,9 +5,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backend::Backend;
+use crate::error::BoxError;
+use crate::replica::ReplicaId;
 use crate::rollout::config::ReadyGate;
 use crate::rollout::error::StepError;
-use crate::rollout::PROBE_FAILURES_COUNTER;
+use crate::rollout::event::{RolloutEvent, Sinks};
+use crate::rollout::{PHASE_SECONDS_HISTOGRAM, PROBE_FAILURES_COUNTER};
 
 /// How a replica became ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,4 +86,38 @@ pub async fn wait_until_ready<B: Backend>(
         }
         tokio::time::sleep_until(next).await;
     }
+}
+
+/// Runs one replica's action (restart, upgrade, start) under `limit`: emits
+/// [`RolloutEvent::ActionStarted`] and [`RolloutEvent::ActionFinished`] and records the phase
+/// time. `make` builds the action's future after the start event.
+pub(crate) async fn run_action<Fut, E>(
+    sinks: &Sinks,
+    id: &ReplicaId,
+    limit: Option<Duration>,
+    make: impl FnOnce() -> Fut,
+) -> Result<(), StepError>
+where
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    sinks.emit(RolloutEvent::ActionStarted {
+        replica: id.clone(),
+    });
+    let t = Instant::now();
+    let fut = make();
+    let result = match limit {
+        Some(limit) => tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| StepError::ActionTimedOut(limit))?,
+        None => fut.await,
+    };
+    result.map_err(|e| StepError::Action(e.into()))?;
+    metrics::histogram!(PHASE_SECONDS_HISTOGRAM, "phase" => "action")
+        .record(t.elapsed().as_secs_f64());
+    sinks.emit(RolloutEvent::ActionFinished {
+        replica: id.clone(),
+        took: t.elapsed(),
+    });
+    Ok(())
 }

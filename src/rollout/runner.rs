@@ -16,7 +16,7 @@ use crate::replica::ReplicaId;
 use crate::rollout::config::{DrainTimeoutPolicy, RolloutConfig};
 use crate::rollout::error::{RolloutError, StepError};
 use crate::rollout::event::{RolloutEvent, RolloutReport, Sinks};
-use crate::rollout::ready::wait_until_ready;
+use crate::rollout::ready::{run_action, wait_until_ready};
 use crate::rollout::{PHASE_SECONDS_HISTOGRAM, REPLICAS_COUNTER, UNAVAILABLE_GAUGE};
 
 /// Restarts (or upgrades) a pool's replicas in place, at most
@@ -376,27 +376,11 @@ impl<B: Backend> Rollout<B> {
         }
 
         // 3. The action.
-        self.sinks.emit(RolloutEvent::ActionStarted {
-            replica: id.clone(),
-        });
-        let t = Instant::now();
-        let fut = {
+        run_action(&self.sinks, &id, cfg.action_timeout, || {
             let mut f = action.lock();
             (*f)(replica.clone())
-        };
-        let result = match cfg.action_timeout {
-            Some(limit) => tokio::time::timeout(limit, fut)
-                .await
-                .map_err(|_| StepError::ActionTimedOut(limit))?,
-            None => fut.await,
-        };
-        result.map_err(|e| StepError::Action(e.into()))?;
-        metrics::histogram!(PHASE_SECONDS_HISTOGRAM, "phase" => "action")
-            .record(t.elapsed().as_secs_f64());
-        self.sinks.emit(RolloutEvent::ActionFinished {
-            replica: id.clone(),
-            took: t.elapsed(),
-        });
+        })
+        .await?;
 
         // 4. Ready gate: the replica reloads its weights; it stays out until its probe passes.
         let t = Instant::now();

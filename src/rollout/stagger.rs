@@ -14,7 +14,7 @@ use crate::replica::{ReplicaId, ReplicaSpec};
 use crate::rollout::config::StaggerConfig;
 use crate::rollout::error::{RolloutError, StepError};
 use crate::rollout::event::{RolloutEvent, RolloutReport, Sinks};
-use crate::rollout::ready::wait_until_ready;
+use crate::rollout::ready::{run_action, wait_until_ready};
 use crate::rollout::{PHASE_SECONDS_HISTOGRAM, STAGGER_REPLICAS_COUNTER};
 
 /// A replica to start and add to a pool.
@@ -253,27 +253,11 @@ impl<B: Backend> StaggeredStart<B> {
         E: Into<BoxError>,
     {
         let cfg = &self.config;
-        self.sinks.emit(RolloutEvent::ActionStarted {
-            replica: id.clone(),
-        });
-        let t = Instant::now();
-        let fut = {
+        run_action(&self.sinks, &id, cfg.action_timeout, || {
             let mut f = start.lock();
             (*f)(replica.clone())
-        };
-        let result = match cfg.action_timeout {
-            Some(limit) => tokio::time::timeout(limit, fut)
-                .await
-                .map_err(|_| StepError::ActionTimedOut(limit))?,
-            None => fut.await,
-        };
-        result.map_err(|e| StepError::Action(e.into()))?;
-        metrics::histogram!(PHASE_SECONDS_HISTOGRAM, "phase" => "action")
-            .record(t.elapsed().as_secs_f64());
-        self.sinks.emit(RolloutEvent::ActionFinished {
-            replica: id.clone(),
-            took: t.elapsed(),
-        });
+        })
+        .await?;
 
         let t = Instant::now();
         let ready = wait_until_ready(&replica.backend, &cfg.ready, |attempt, error| {
