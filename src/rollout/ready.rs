@@ -121,3 +121,30 @@ where
     });
     Ok(())
 }
+
+/// The ready gate of one replica: [`wait_until_ready`] with a [`RolloutEvent::ProbeFailed`] for
+/// every failed probe, then the phase time and [`RolloutEvent::Ready`].
+pub(crate) async fn ready_gate<B: Backend>(
+    sinks: &Sinks,
+    id: &ReplicaId,
+    backend: &B,
+    gate: &ReadyGate,
+) -> Result<(), StepError> {
+    let t = Instant::now();
+    let ready = wait_until_ready(backend, gate, |attempt, error| {
+        sinks.emit(RolloutEvent::ProbeFailed {
+            replica: id.clone(),
+            attempt,
+            error: error.to_owned(),
+        })
+    })
+    .await?;
+    metrics::histogram!(PHASE_SECONDS_HISTOGRAM, "phase" => "ready")
+        .record(t.elapsed().as_secs_f64());
+    sinks.emit(RolloutEvent::Ready {
+        replica: id.clone(),
+        probes: ready.probes,
+        waited: ready.waited,
+    });
+    Ok(())
+}

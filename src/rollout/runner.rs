@@ -16,7 +16,7 @@ use crate::replica::ReplicaId;
 use crate::rollout::config::{DrainTimeoutPolicy, RolloutConfig};
 use crate::rollout::error::{RolloutError, StepError};
 use crate::rollout::event::{RolloutEvent, RolloutReport, Sinks};
-use crate::rollout::ready::{run_action, wait_until_ready};
+use crate::rollout::ready::{ready_gate, run_action};
 use crate::rollout::{PHASE_SECONDS_HISTOGRAM, REPLICAS_COUNTER, UNAVAILABLE_GAUGE};
 
 /// Restarts (or upgrades) a pool's replicas in place, at most
@@ -383,22 +383,7 @@ impl<B: Backend> Rollout<B> {
         .await?;
 
         // 4. Ready gate: the replica reloads its weights; it stays out until its probe passes.
-        let t = Instant::now();
-        let ready = wait_until_ready(replica.backend(), &cfg.ready, |attempt, error| {
-            self.sinks.emit(RolloutEvent::ProbeFailed {
-                replica: id.clone(),
-                attempt,
-                error: error.to_owned(),
-            })
-        })
-        .await?;
-        metrics::histogram!(PHASE_SECONDS_HISTOGRAM, "phase" => "ready")
-            .record(t.elapsed().as_secs_f64());
-        self.sinks.emit(RolloutEvent::Ready {
-            replica: id.clone(),
-            probes: ready.probes,
-            waited: ready.waited,
-        });
+        ready_gate(&self.sinks, &id, replica.backend(), &cfg.ready).await?;
 
         // 5. Readmit: healthy with the slow-start ramp begun while still draining, then open.
         if pool.readmit(id.as_str()).is_err() || pool.undrain(id.as_str()).is_err() {

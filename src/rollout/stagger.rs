@@ -14,8 +14,8 @@ use crate::replica::{ReplicaId, ReplicaSpec};
 use crate::rollout::config::StaggerConfig;
 use crate::rollout::error::{RolloutError, StepError};
 use crate::rollout::event::{RolloutEvent, RolloutReport, Sinks};
-use crate::rollout::ready::{run_action, wait_until_ready};
-use crate::rollout::{PHASE_SECONDS_HISTOGRAM, STAGGER_REPLICAS_COUNTER};
+use crate::rollout::ready::{ready_gate, run_action};
+use crate::rollout::STAGGER_REPLICAS_COUNTER;
 
 /// A replica to start and add to a pool.
 #[derive(Debug, Clone)]
@@ -259,22 +259,7 @@ impl<B: Backend> StaggeredStart<B> {
         })
         .await?;
 
-        let t = Instant::now();
-        let ready = wait_until_ready(&replica.backend, &cfg.ready, |attempt, error| {
-            self.sinks.emit(RolloutEvent::ProbeFailed {
-                replica: id.clone(),
-                attempt,
-                error: error.to_owned(),
-            })
-        })
-        .await?;
-        metrics::histogram!(PHASE_SECONDS_HISTOGRAM, "phase" => "ready")
-            .record(t.elapsed().as_secs_f64());
-        self.sinks.emit(RolloutEvent::Ready {
-            replica: id.clone(),
-            probes: ready.probes,
-            waited: ready.waited,
-        });
+        ready_gate(&self.sinks, &id, &replica.backend, &cfg.ready).await?;
 
         let NewReplica { spec, backend, .. } = replica;
         self.pool
