@@ -37,6 +37,35 @@ pub enum HttpReplicaError {
     },
 }
 
+/// A replica's base URL, validated: `http://host[:port][/prefix]`, trailing `/` removed.
+#[derive(Debug, Clone)]
+pub(crate) struct BaseUrl {
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
+    pub(crate) prefix: String,
+}
+
+impl BaseUrl {
+    pub(crate) fn parse(url: &str) -> Result<BaseUrl, HttpReplicaError> {
+        let bad = |reason| HttpReplicaError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("does not parse as a URI"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
+        if scheme != Scheme::HTTP {
+            return Err(bad("only http:// is supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+        let prefix = uri.path().trim_end_matches('/').to_string();
+        Ok(BaseUrl {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+}
+
 /// The hyper client type replicas share.
 pub type HttpClient<B> = Client<HttpConnector, B>;
 
@@ -101,17 +130,11 @@ where
     /// # }
     /// ```
     pub fn new(url: &str, client: HttpClient<B>) -> Result<Self, HttpReplicaError> {
-        let bad = |reason| HttpReplicaError::InvalidUrl {
-            url: url.to_string(),
-            reason,
-        };
-        let uri: Uri = url.parse().map_err(|_| bad("does not parse as a URI"))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(bad("only http:// is supported"));
-        }
-        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
-        let prefix = uri.path().trim_end_matches('/').to_string();
+        let BaseUrl {
+            scheme,
+            authority,
+            prefix,
+        } = BaseUrl::parse(url)?;
         Ok(HttpReplica {
             scheme,
             authority,

@@ -219,17 +219,7 @@ impl Gateway {
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let mut next = 0usize;
-            loop {
-                let stream = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok((s, _)) => s,
-                        Err(_) => {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            continue;
-                        }
-                    },
-                    _ = &mut stopped => break,
-                };
+            while let Some(stream) = accept_or_stop(&listener, &mut stopped).await {
                 if let Ok(s) = stream.into_std() {
                     let _ = senders[next % senders.len()].send(s);
                     next = next.wrapping_add(1);
@@ -371,20 +361,26 @@ async fn accept_loop(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let http = http_builder();
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    // Out of file descriptors and the like: back off rather than spin.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                }
-            },
-            _ = &mut stopped => break,
-        };
+    while let Some(stream) = accept_or_stop(&listener, &mut stopped).await {
         serve_conn(&http, &graceful, &shared, stream);
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The next accepted connection, or `None` once `stopped` fires. Accept errors (out of file
+/// descriptors and the like) back off for 5 ms rather than spin.
+async fn accept_or_stop(
+    listener: &TcpListener,
+    stopped: &mut oneshot::Receiver<()>,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => return Some(s),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            },
+            _ = &mut *stopped => return None,
+        }
+    }
 }

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 
 use crate::backend::{Backend, BoxFuture};
 use crate::error::BoxError;
-use crate::http_backend::HttpReplicaError;
+use crate::http_backend::{BaseUrl, HttpReplicaError};
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -111,18 +111,17 @@ impl Upstream {
     /// assert!(Upstream::new("https://x", 1).is_err() && Upstream::new("::", 1).is_err());
     /// ```
     pub fn new(url: &str, max_idle_per_host: usize) -> Result<Self, HttpReplicaError> {
-        let bad = |reason| HttpReplicaError::InvalidUrl {
-            url: url.to_owned(),
-            reason,
-        };
-        let uri: Uri = url.parse().map_err(|_| bad("does not parse as a URI"))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(bad("only http:// is supported"));
-        }
-        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("bad host"))?;
-        let prefix = uri.path().trim_end_matches('/').to_owned();
+        let BaseUrl {
+            scheme,
+            authority,
+            prefix,
+        } = BaseUrl::parse(url)?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+            HttpReplicaError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "bad host",
+            }
+        })?;
         let base_url = format!("{scheme}://{authority}{prefix}");
         let connect_addr = format!(
             "{}:{}",
