@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::replica::ReplicaId;
+use crate::rollout::error::{RolloutError, StepError};
 
 /// What a rollout or staggered start is doing, as it happens.
 ///
@@ -164,5 +165,27 @@ impl Sinks {
         for f in &self.callbacks {
             f(&event);
         }
+    }
+}
+
+/// Ends a run: records the elapsed time, emits [`RolloutEvent::Finished`], and returns the
+/// report, or [`RolloutError::ReplicaFailed`] for the first replica that failed.
+pub(crate) fn conclude(
+    sinks: &Sinks,
+    mut report: RolloutReport,
+    started: tokio::time::Instant,
+    first_error: Option<(ReplicaId, StepError)>,
+) -> Result<RolloutReport, RolloutError> {
+    report.elapsed = started.elapsed();
+    sinks.emit(RolloutEvent::Finished {
+        success: first_error.is_none(),
+    });
+    match first_error {
+        None => Ok(report),
+        Some((replica, cause)) => Err(RolloutError::ReplicaFailed {
+            replica,
+            cause,
+            report: Box::new(report),
+        }),
     }
 }

@@ -15,7 +15,7 @@ use crate::pool::{Health, Pool, Replica};
 use crate::replica::ReplicaId;
 use crate::rollout::config::{DrainTimeoutPolicy, RolloutConfig};
 use crate::rollout::error::{RolloutError, StepError};
-use crate::rollout::event::{RolloutEvent, RolloutReport, Sinks};
+use crate::rollout::event::{conclude, RolloutEvent, RolloutReport, Sinks};
 use crate::rollout::ready::{ready_gate, run_action};
 use crate::rollout::{PHASE_SECONDS_HISTOGRAM, REPLICAS_COUNTER, UNAVAILABLE_GAUGE};
 
@@ -231,18 +231,7 @@ impl<B: Backend> Rollout<B> {
         }
 
         report.not_started = queue.into_iter().collect();
-        report.elapsed = started.elapsed();
-        self.sinks.emit(RolloutEvent::Finished {
-            success: first_error.is_none(),
-        });
-        match first_error {
-            None => Ok(report),
-            Some((replica, cause)) => Err(RolloutError::ReplicaFailed {
-                replica,
-                cause,
-                report: Box::new(report),
-            }),
-        }
+        conclude(&self.sinks, report, started, first_error)
     }
 
     /// The targets, checked, with the ones already out of service first (restarting them costs

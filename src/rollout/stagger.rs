@@ -13,7 +13,7 @@ use crate::pool::{Health, Pool};
 use crate::replica::{ReplicaId, ReplicaSpec};
 use crate::rollout::config::StaggerConfig;
 use crate::rollout::error::{RolloutError, StepError};
-use crate::rollout::event::{RolloutEvent, RolloutReport, Sinks};
+use crate::rollout::event::{conclude, RolloutEvent, RolloutReport, Sinks};
 use crate::rollout::ready::{ready_gate, run_action};
 use crate::rollout::STAGGER_REPLICAS_COUNTER;
 
@@ -204,18 +204,7 @@ impl<B: Backend> StaggeredStart<B> {
         }
 
         report.not_started = queue.into_iter().rev().map(|(id, _)| id).collect();
-        report.elapsed = started.elapsed();
-        self.sinks.emit(RolloutEvent::Finished {
-            success: first_error.is_none(),
-        });
-        match first_error {
-            None => Ok(report),
-            Some((replica, cause)) => Err(RolloutError::ReplicaFailed {
-                replica,
-                cause,
-                report: Box::new(report),
-            }),
-        }
+        conclude(&self.sinks, report, started, first_error)
     }
 
     /// Validates every new replica against the pool and against each other.
