@@ -86,17 +86,14 @@ pub struct InFlightGuard {
     outcome: Option<Outcome>,
     body_bytes: u64,
     body_frames: u64,
-    observers: Option<CompletionObservers>,
+    /// Told when the request finishes (set by dispatch once the guard is counted).
+    pub(crate) observers: Option<CompletionObservers>,
 }
 
 impl InFlightGuard {
     /// Counts a request on `state`. Returns `None` (counting nothing) if the replica has started
     /// draining.
-    pub(crate) fn begin(
-        state: Arc<ReplicaState>,
-        ctx: Option<&RouteContext>,
-        observers: Option<CompletionObservers>,
-    ) -> Option<Self> {
+    pub(crate) fn begin(state: Arc<ReplicaState>, ctx: Option<&RouteContext>) -> Option<Self> {
         let tokens = ctx.map_or(0, |c| c.estimated_tokens);
         if !state.try_begin(tokens) {
             return None;
@@ -110,7 +107,7 @@ impl InFlightGuard {
             outcome: None,
             body_bytes: 0,
             body_frames: 0,
-            observers,
+            observers: None,
         })
     }
 

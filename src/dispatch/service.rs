@@ -100,7 +100,7 @@ where
     fn call(&mut self, mut req: Req) -> Self::Future {
         let snap = self.pool.load();
         let mut decision = req.decision().cloned();
-        let observers = req.extensions_mut().remove::<CompletionObservers>();
+        let mut observers = req.extensions_mut().remove::<CompletionObservers>();
         let mut target = decision.as_ref().and_then(|d| locate(&snap, d).cloned());
         for attempt in 0..=MAX_REDIRECTS {
             let replica = match target.take() {
@@ -122,18 +122,15 @@ where
                     r
                 }
             };
-            let guard = InFlightGuard::begin(
-                replica.state().clone(),
-                req.route_context(),
-                observers.clone(),
-            );
-            let Some(guard) = guard else {
+            let guard = InFlightGuard::begin(replica.state().clone(), req.route_context());
+            let Some(mut guard) = guard else {
                 // Started draining after the pick: choose again.
                 if let Some(d) = decision.as_mut() {
                     d.set_reason(DecisionReason::Redirected);
                 }
                 continue;
             };
+            guard.observers = observers.take();
             let changed = req.decision() != decision.as_ref();
             let decision = decision.unwrap_or_else(|| {
                 Decision::new(replica.id().clone(), DecisionReason::LeastLoaded)
