@@ -1,7 +1,7 @@
 //! Quick start: mock LLM replicas behind the gateway, driven by multi-turn chats over HTTP.
 //!
 //! ```text
-//! cargo run --release --all-features --example demo
+//! cargo run --release --example demo
 //! ```
 //!
 //! Starts three mock engine replicas on loopback (two TP=2, one TP=4 with capacity weight 2;
@@ -21,8 +21,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use replica_router::gateway::{Gateway, GatewayConfig};
-use replica_router::mock::{MockConfig, MockEngine, MockServer};
+use replica_router_gateway::{Gateway, GatewayConfig};
+use replica_router_mock::{MockConfig, MockEngine, MockServer};
 
 const CONVERSATIONS: usize = 24;
 const TURNS: usize = 4;

@@ -1,8 +1,8 @@
 //! Runs N mock LLM engine replicas over HTTP (vLLM-compatible routes), until Ctrl-C or SIGTERM.
 //!
 //! ```text
-//! cargo run --release --features mock --example mock_replica -- --ports 8001,8002 --tp 2 --time-scale 10
-//! cargo run --release --features mock --example mock_replica -- --listen 127.0.0.1:8001 --listen 127.0.0.1:8002
+//! cargo run --release --example mock_replica -- --ports 8001,8002 --tp 2 --time-scale 10
+//! cargo run --release --example mock_replica -- --listen 127.0.0.1:8001 --listen 127.0.0.1:8002
 //! ```
 //!
 //! Flags (speed defaults resemble a 70B model on two H100s; see `MockConfig`):
@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use replica_router::mock::{MockConfig, MockEngine, MockServer};
+use replica_router_mock::{MockConfig, MockEngine, MockServer};
 
 const USAGE: &str = "usage: mock_replica (--listen ADDR)... | --ports P[,P|A-B] [--host IP]
   [--model NAME] [--tp N] [--max-num-seqs N] [--max-num-batched-tokens N] [--max-model-len N]

@@ -2,7 +2,7 @@
 //! bounded-load affinity on the same multi-turn chat workload over mock engine replicas.
 //!
 //! ```text
-//! cargo run --release --example simulate --features sim -- \
+//! cargo run --release --example simulate -- \
 //!     [--seed N] [--sessions N] [--replicas N] [--duration-secs S] \
 //!     [--scenario homogeneous|heterogeneous|failure|all] [--jobs N] \
 //!     [--heavy-fraction F] [--think-secs S] [--users N] [--block-size TOKENS] [--per-replica]
@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use replica_router::sim::{
+use replica_router_mock::sim::{
     compare, describe, Policy, PolicyReport, Scenario, ScenarioReport, SimOptions, Workload,
     WorkloadConfig,
 };

@@ -215,7 +215,7 @@ if want sglang-p2; then ready_add sglang-p2 "$SP2" "sglang-router 0.3.2, power_o
 GW=""
 if { want gw-affinity || want gw-least; } && [ -f "$REPO/examples/gateway.rs" ]; then
     log "building examples/gateway.rs (release)"
-    if (cd "$REPO" && cargo build -q --release --features gateway --example gateway >&2); then
+    if (cd "$REPO" && cargo build -q --release --example gateway >&2); then
         GW="$REPO/target/release/examples/gateway"
     else
         log "the gateway example does not build: skipping it"

@@ -200,14 +200,7 @@ impl RouteError {
     /// assert!(resp.body().starts_with(b"{\"error\""));
     /// ```
     pub fn to_http_response(&self) -> http::Response<bytes::Bytes> {
-        let mut body = String::with_capacity(96);
-        body.push_str("{\"error\":{\"message\":\"");
-        json_escape_into(&self.to_string(), &mut body);
-        body.push_str("\",\"type\":\"");
-        body.push_str(self.code());
-        body.push_str("\",\"code\":");
-        body.push_str(itoa_status(self.status_code()).as_str());
-        body.push_str("}}");
+        let body = openai_error_json(self.status_code(), self.code(), &self.to_string());
         let mut resp = http::Response::new(bytes::Bytes::from(body));
         *resp.status_mut() = self.status_code();
         resp.headers_mut().insert(
@@ -242,12 +235,34 @@ impl From<std::convert::Infallible> for RouteError {
     }
 }
 
-fn itoa_status(s: http::StatusCode) -> String {
-    s.as_u16().to_string()
+/// The OpenAI error shape every error answer of the crate uses:
+/// `{"error":{"message":...,"type":...,"param":null,"code":<status>}}`.
+///
+/// ```
+/// let body = replica_router::error::openai_error_json(http::StatusCode::BAD_REQUEST,
+///     "invalid_request_error", "say \"hi\"");
+/// assert_eq!(body, r#"{"error":{"message":"say \"hi\"","type":"invalid_request_error","param":null,"code":400}}"#);
+/// ```
+pub fn openai_error_json(status: http::StatusCode, kind: &str, message: &str) -> String {
+    let mut body = String::with_capacity(64 + message.len());
+    body.push_str("{\"error\":{\"message\":\"");
+    json_escape_into(message, &mut body);
+    body.push_str("\",\"type\":\"");
+    json_escape_into(kind, &mut body);
+    body.push_str("\",\"param\":null,\"code\":");
+    body.push_str(&status.as_u16().to_string());
+    body.push_str("}}");
+    body
 }
 
-/// Escapes `s` as the inside of a JSON string.
-pub(crate) fn json_escape_into(s: &str, out: &mut String) {
+/// Escapes `s` as the inside of a JSON string (quotes, backslashes and control characters).
+///
+/// ```
+/// let mut out = String::new();
+/// replica_router::error::json_escape_into("a\"b\n", &mut out);
+/// assert_eq!(out, "a\\\"b\\n");
+/// ```
+pub fn json_escape_into(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -38,15 +38,27 @@ pub enum HttpReplicaError {
 }
 
 /// A replica's base URL, validated: `http://host[:port][/prefix]`, trailing `/` removed.
+///
+/// ```
+/// use replica_router::http_backend::BaseUrl;
+/// let url = BaseUrl::parse("http://127.0.0.1:8000/v1/").unwrap();
+/// assert_eq!(url.authority.as_str(), "127.0.0.1:8000");
+/// assert_eq!(url.prefix, "/v1");
+/// assert!(BaseUrl::parse("https://host").is_err());
+/// ```
 #[derive(Debug, Clone)]
-pub(crate) struct BaseUrl {
-    pub(crate) scheme: Scheme,
-    pub(crate) authority: Authority,
-    pub(crate) prefix: String,
+pub struct BaseUrl {
+    /// Always `http`.
+    pub scheme: Scheme,
+    /// `host[:port]`.
+    pub authority: Authority,
+    /// The path prefix before each request's path, without a trailing `/` (often empty).
+    pub prefix: String,
 }
 
 impl BaseUrl {
-    pub(crate) fn parse(url: &str) -> Result<BaseUrl, HttpReplicaError> {
+    /// Parses and validates `url`.
+    pub fn parse(url: &str) -> Result<BaseUrl, HttpReplicaError> {
         let bad = |reason| HttpReplicaError::InvalidUrl {
             url: url.to_string(),
             reason,

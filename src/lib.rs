@@ -111,15 +111,3 @@ pub mod rollout;
 pub mod select;
 pub mod shed;
 pub mod store;
-
-#[cfg(feature = "mock")]
-#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
-pub mod mock;
-
-#[cfg(feature = "sim")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
-pub mod sim;
-
-#[cfg(feature = "gateway")]
-#[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
-pub mod gateway;

@@ -25,9 +25,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 
-use crate::backend::{Backend, BoxFuture};
-use crate::error::BoxError;
-use crate::http_backend::{BaseUrl, HttpReplicaError};
+use replica_router::backend::{Backend, BoxFuture};
+use replica_router::error::BoxError;
+use replica_router::http_backend::{BaseUrl, HttpReplicaError};
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -106,7 +106,7 @@ impl Upstream {
     /// `max_idle_per_host` idle connections to it per thread.
     ///
     /// ```
-    /// use replica_router::gateway::Upstream;
+    /// use replica_router_gateway::Upstream;
     /// assert_eq!(Upstream::new("http://127.0.0.1:8000/", 64).unwrap().base_url(), "http://127.0.0.1:8000");
     /// assert!(Upstream::new("https://x", 1).is_err() && Upstream::new("::", 1).is_err());
     /// ```
@@ -353,14 +353,14 @@ impl tower::Service<Request<Full<Bytes>>> for Upstream {
 impl Backend for Upstream {
     fn load_report(
         &self,
-    ) -> BoxFuture<'static, Result<Option<crate::backend::LoadReport>, BoxError>> {
+    ) -> BoxFuture<'static, Result<Option<replica_router::backend::LoadReport>, BoxError>> {
         let this = self.clone();
         Box::pin(async move {
             let (status, body) = this.get("/metrics", Duration::from_secs(2)).await?;
             if !status.is_success() {
                 return Ok(None);
             }
-            match crate::load::prometheus::VllmParser::new()
+            match replica_router::load::prometheus::VllmParser::new()
                 .parse(&body, tokio::time::Instant::now())
             {
                 Ok(report) => Ok(Some(report)),

@@ -9,10 +9,10 @@ use replica_router::context::RouteContext;
 use replica_router::decision::DecisionReason;
 use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
-use replica_router::mock::{MockConfig, MockEngine, MockPrompt, MockRequest, RoutedResponse};
 use replica_router::pool::Pool;
 use replica_router::replica::ReplicaSpec;
 use replica_router::rng::RngSeed;
+use replica_router_mock::{MockConfig, MockEngine, MockPrompt, MockRequest, RoutedResponse};
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 

@@ -2,11 +2,11 @@
 //!
 //! This module answers "does the router place chat traffic well?" with numbers: it drives a
 //! synthetic multi-turn chat workload through the crate's real layers (the same
-//! [`AffinityLayer`](crate::affinity::AffinityLayer),
-//! [`LeastInFlightLayer`](crate::balance::LeastInFlightLayer),
-//! [`RoundRobinLayer`](crate::balance::RoundRobinLayer) and
-//! [`Dispatch`](crate::dispatch::Dispatch) a server would use) over in-process
-//! [`MockEngine`](crate::mock::MockEngine) replicas with continuous batching and a prefix cache,
+//! [`AffinityLayer`](replica_router::affinity::AffinityLayer),
+//! [`LeastInFlightLayer`](replica_router::balance::LeastInFlightLayer),
+//! [`RoundRobinLayer`](replica_router::balance::RoundRobinLayer) and
+//! [`Dispatch`](replica_router::dispatch::Dispatch) a server would use) over in-process
+//! [`MockEngine`](crate::MockEngine) replicas with continuous batching and a prefix cache,
 //! under tokio's paused clock. A ten-minute workload runs in seconds, and a run depends only on
 //! its seeds.
 //!
@@ -28,14 +28,14 @@
 //!   flight, and prefilled tokens, per unit of weight), decision reasons, and the failure
 //!   counts. [`compare`] runs several on the same workload and renders a Markdown table.
 //!
-//! Requests reach the engines as [`SimRequest`]s (a [`RouteRequest`](crate::request::RouteRequest)
+//! Requests reach the engines as [`SimRequest`]s (a [`RouteRequest`](replica_router::request::RouteRequest)
 //! holding an `http::Extensions`); [`SimBackend`] answers with a stream that stays in flight on
 //! its replica until its last token, as an HTTP body would.
 //!
 //! `examples/simulate.rs` prints the tables; `notes/BENCH-sim.md` has a run of it.
 //!
 //! ```
-//! use replica_router::sim::{compare, Policy, Scenario, SimOptions, Workload, WorkloadConfig};
+//! use replica_router_mock::sim::{compare, Policy, Scenario, SimOptions, Workload, WorkloadConfig};
 //! use std::time::Duration;
 //!
 //! let cfg = WorkloadConfig { sessions: 30, arrival_window: Duration::from_secs(30), ..Default::default() };

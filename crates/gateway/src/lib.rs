@@ -1,8 +1,8 @@
 //! An OpenAI-compatible HTTP gateway over the crate's stack (feature `gateway`).
 //!
 //! [`Gateway`] listens on an address, validates each request cheaply and routes it through
-//! route context -> picking layer -> [`Dispatch`](crate::dispatch::Dispatch) to HTTP replicas
-//! (vLLM, SGLang, or the [`mock`](crate::mock) replicas) over a pooled keep-alive hyper client:
+//! route context -> picking layer -> [`Dispatch`](replica_router::dispatch::Dispatch) to HTTP replicas
+//! (vLLM, SGLang, or the [`mock`](replica_router_mock) replicas) over a pooled keep-alive hyper client:
 //!
 //! - `POST /v1/chat/completions` and `/v1/completions`: the body (at most
 //!   [`GatewayConfig::max_body_bytes`], else 413) must be JSON with `model` and `messages` /
@@ -12,28 +12,28 @@
 //!   buffered), and the request stays in flight on its replica until the body ends.
 //! - `--policy affinity` (the default) routes each session (`--affinity-header`, or the
 //!   `--user-header` when a request has no session) by consistent hashing with bounded loads and
-//!   sticky pins ([`affinity`](crate::affinity)); requests without a key, and every request under
+//!   sticky pins ([`affinity`](replica_router::affinity)); requests without a key, and every request under
 //!   `--policy least-loaded`, go to the least loaded of two weighted random replicas; under
 //!   `--policy round-robin`, in turn. Sessions are pinned in memory, or in Redis with
 //!   `--counter-store redis://...` so every gateway instance agrees.
 //! - Responses carry `x-replica-id` and, for session-routed requests, `x-replica-affinity:
 //!   home | spill | failover` (anything but `home` means the replica replays the prefill).
-//! - With `--tenant-rate` / `--tenant-tokens`, the [`quota`](crate::quota) layer holds each tenant
+//! - With `--tenant-rate` / `--tenant-tokens`, the [`quota`](replica_router::quota) layer holds each tenant
 //!   (`--tenant-header`) to its quota across every gateway sharing the `--counter-store`.
-//! - Routing errors map through [`RouteError`](crate::error::RouteError): 503 when no replica is
+//! - Routing errors map through [`RouteError`](replica_router::error::RouteError): 503 when no replica is
 //!   eligible, 429 with `Retry-After` when shed or over quota, 502 when the replica fails and no
 //!   other replica could take the request.
 //! - A request whose replica fails before answering (refused or reset connection: the replica died
 //!   before the probes noticed) is sent again to the least loaded other replica
-//!   ([`FailoverLayer`](crate::health::FailoverLayer), up to twice; the body is buffered, so the
+//!   ([`FailoverLayer`](replica_router::health::FailoverLayer), up to twice; the body is buffered, so the
 //!   request is replayed byte for byte), answered with `x-replica-affinity: failover`, and its
 //!   session is re-pinned there. Every attempt feeds passive outlier detection
-//!   ([`OutlierDetector`](crate::health::OutlierDetector), default
-//!   [`OutlierConfig`](crate::health::OutlierConfig)): five failures in a row eject the replica
+//!   ([`OutlierDetector`](replica_router::health::OutlierDetector), default
+//!   [`OutlierConfig`](replica_router::health::OutlierConfig)): five failures in a row eject the replica
 //!   (30 s, doubling on each ejection in a row), so it gets no traffic until re-admitted.
 //! - Replicas are probed in the background (`GET /health`; two failures in a row take a replica
 //!   out until two successes) and their vLLM `/metrics` are read for the engines' own running and
-//!   waiting counts ([`health`](crate::health)). With `--slo-wait-ms`, the [`shed`](crate::shed)
+//!   waiting counts ([`health`](replica_router::health)). With `--slo-wait-ms`, the [`shed`](replica_router::shed)
 //!   layer answers 429 with `Retry-After` when every replica's estimated wait is past the budget.
 //! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
 //!   [`Gateway::bind_with_metrics`]; the library itself never installs a recorder) followed by
@@ -44,7 +44,7 @@
 //! flags). Tests start the gateway in-process on port 0:
 //!
 //! ```no_run
-//! use replica_router::gateway::{Gateway, GatewayConfig};
+//! use replica_router_gateway::{Gateway, GatewayConfig};
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let cfg = GatewayConfig::from_args(["--listen", "127.0.0.1:0", "--replica", "http://127.0.0.1:8001"])?;
 //! let gw = Gateway::bind(cfg).await?;
@@ -54,6 +54,7 @@
 //! ```
 
 mod body;
+pub mod cli;
 mod config;
 mod inspect;
 mod service;
@@ -77,16 +78,16 @@ pub use self::config::{
 pub use self::inspect::{inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
 pub use self::service::UpstreamRequest;
 pub use self::upstream::{Upstream, UpstreamBody, UpstreamFuture};
-pub use crate::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
+pub use replica_router::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
 
 use self::service::{ConnState, Counters, Shared};
-use crate::error::PoolError;
-use crate::health::{
+use replica_router::error::PoolError;
+use replica_router::health::{
     HealthCheckConfig, HealthCheckHandle, HealthChecker, OutlierConfig, OutlierDetector,
 };
-use crate::http_backend::HttpReplicaError;
-use crate::pool::Pool;
-use crate::replica::ReplicaSpec;
+use replica_router::http_backend::HttpReplicaError;
+use replica_router::pool::Pool;
+use replica_router::replica::ReplicaSpec;
 
 /// Renders the application's metrics recorder (for example a `PrometheusHandle::render`).
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
@@ -300,7 +301,7 @@ async fn shared(
 }
 
 /// Passive outlier detection over `pool`, fed by every request's outcome (see
-/// [`OutlierDetectionLayer`](crate::health::OutlierDetectionLayer)).
+/// [`OutlierDetectionLayer`](replica_router::health::OutlierDetectionLayer)).
 fn outlier_detector(pool: &Pool<Upstream>) -> OutlierDetector<Upstream> {
     OutlierDetector::new(pool.clone(), OutlierConfig::default())
 }

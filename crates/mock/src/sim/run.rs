@@ -8,19 +8,19 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 
-use crate::affinity::AffinityConfigError;
-use crate::context::RouteContext;
-use crate::decision::DecisionReason;
-use crate::error::{PoolError, RouteError};
-use crate::mock::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest};
-use crate::pool::Pool;
-use crate::replica::{ReplicaSpec, SpecPolicy};
-use crate::request::RouteRequest;
 use crate::sim::backend::{SimBackend, SimRequest, SimStream};
 use crate::sim::policy::Policy;
 use crate::sim::report::{Percentiles, PolicyReport, ReasonCounts, ReplicaReport};
 use crate::sim::scenario::Scenario;
 use crate::sim::workload::{SessionPlan, Workload};
+use crate::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest};
+use replica_router::affinity::AffinityConfigError;
+use replica_router::context::RouteContext;
+use replica_router::decision::DecisionReason;
+use replica_router::error::{PoolError, RouteError};
+use replica_router::pool::Pool;
+use replica_router::replica::{ReplicaSpec, SpecPolicy};
+use replica_router::request::RouteRequest;
 
 /// Knobs of a run beyond the scenario and the workload.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,7 +78,7 @@ pub enum SimSetupError {
 /// time (a 10-minute workload runs in seconds) and its result depends only on its inputs.
 ///
 /// ```
-/// use replica_router::sim::{simulate, Policy, Scenario, SimOptions, Workload, WorkloadConfig};
+/// use replica_router_mock::sim::{simulate, Policy, Scenario, SimOptions, Workload, WorkloadConfig};
 /// use std::time::Duration;
 ///
 /// let cfg = WorkloadConfig { sessions: 20, arrival_window: Duration::from_secs(30), ..Default::default() };

@@ -34,7 +34,7 @@ pub struct BodyInfo {
 pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 256;
 
 impl BodyInfo {
-    /// Prompt plus expected output, for [`RouteContext::estimated_tokens`](crate::context::RouteContext).
+    /// Prompt plus expected output, for [`RouteContext::estimated_tokens`](replica_router::context::RouteContext).
     pub fn estimated_tokens(&self) -> u64 {
         self.prompt_tokens
             .saturating_add(self.max_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE))
@@ -51,7 +51,7 @@ const MAX_DEPTH: u32 = 32;
 /// Validates `body` for `kind` and estimates its size.
 ///
 /// ```
-/// use replica_router::gateway::{inspect_body, ApiKind};
+/// use replica_router_gateway::{inspect_body, ApiKind};
 /// let ok = br#"{"model":"m","messages":[{"role":"user","content":"hello there, how are you?"}],"max_tokens":20}"#;
 /// let info = inspect_body(ApiKind::Chat, ok).unwrap();
 /// assert_eq!(info.max_tokens, Some(20));

@@ -8,11 +8,11 @@ use std::task::{Context, Poll};
 
 use tokio::sync::Notify;
 
-use crate::backend::Backend;
-use crate::decision::Decision;
-use crate::inflight::{InFlightGuard, Outcome};
-use crate::mock::{MockEngine, MockError, MockEvent, MockRequest, MockResponse};
-use crate::request::{RouteRequest, RouteResponse};
+use crate::{MockEngine, MockError, MockEvent, MockRequest, MockResponse};
+use replica_router::backend::Backend;
+use replica_router::decision::Decision;
+use replica_router::inflight::{InFlightGuard, Outcome};
+use replica_router::request::{RouteRequest, RouteResponse};
 
 /// A non-HTTP request the routing layers can route: a [`MockRequest`] and the extensions the
 /// layers read and write (route context, decision).

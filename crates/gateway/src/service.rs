@@ -15,31 +15,31 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 use pin_project::pin_project;
 
-use crate::balance::{LeastInFlight, LoadMeasure, RoundRobin};
-use crate::context::{HeaderExtractor, RouteContextService};
-use crate::decision::{Decision, DecisionReason};
-use crate::dispatch::Dispatch;
-use crate::error::{json_escape_into, RouteError};
-use crate::inflight::TrackedBody;
-use crate::pool::Pool;
-use crate::replica::ReplicaId;
-use crate::rng::RngSeed;
+use replica_router::balance::{LeastInFlight, LoadMeasure, RoundRobin};
+use replica_router::context::{HeaderExtractor, RouteContextService};
+use replica_router::decision::{Decision, DecisionReason};
+use replica_router::dispatch::Dispatch;
+use replica_router::error::{json_escape_into, openai_error_json, RouteError};
+use replica_router::inflight::TrackedBody;
+use replica_router::pool::Pool;
+use replica_router::replica::ReplicaId;
+use replica_router::rng::RngSeed;
 
 use super::body::GatewayBody;
 use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, Policy};
 use super::inspect::{inspect_body, ApiKind};
 use super::GatewayError;
 use super::MetricsRender;
-use crate::affinity::pins::PinTable;
-use crate::affinity::{
+use replica_router::affinity::pins::PinTable;
+use replica_router::affinity::{
     Affinity, AffinityFuture, AffinityKey, AffinityLayer, AFFINITY_HEADER, REPLICA_HEADER,
 };
-use crate::health::{
+use replica_router::health::{
     Failover, FailoverLayer, OutlierDetection, OutlierDetectionLayer, OutlierDetector,
 };
-use crate::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
-use crate::shed::{Shed, ShedLayer};
-use crate::store::{MemoryStore, RateQuota};
+use replica_router::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
+use replica_router::shed::{Shed, ShedLayer};
+use replica_router::store::{MemoryStore, RateQuota};
 use tower::util::Either;
 
 pub use super::upstream::Upstream;
@@ -145,10 +145,10 @@ pub(crate) async fn store_layers(cfg: &GatewayConfig) -> Result<StoreLayers, Gat
         }),
         #[cfg(feature = "redis")]
         CounterStoreSpec::Redis(url) => {
-            let store = crate::store::RedisStore::connect(url)
+            let store = replica_router::store::RedisStore::connect(url)
                 .await
                 .map_err(|e| bad_flag("--counter-store", e))?;
-            let pins: Arc<dyn PinTable> = Arc::new(crate::store::RedisPinTable::new(&store));
+            let pins: Arc<dyn PinTable> = Arc::new(replica_router::store::RedisPinTable::new(&store));
             Ok(StoreLayers { quota: config.map(|c| QuotaLayer::new(store, c)), pins: Some(pins) })
         }
         #[cfg(not(feature = "redis"))]
@@ -226,7 +226,7 @@ pub(crate) fn build_stack(
         None => Either::Right(admission),
     };
     Ok(tower::Layer::layer(
-        &crate::context::RouteContextLayer::new(extractor),
+        &replica_router::context::RouteContextLayer::new(extractor),
         quotas,
     ))
 }
@@ -497,14 +497,7 @@ fn too_large(max: usize) -> Response<GatewayBody> {
 
 /// An OpenAI-style error response.
 pub(crate) fn error(status: StatusCode, kind: &str, message: &str) -> Response<GatewayBody> {
-    let mut body = String::with_capacity(64 + message.len());
-    body.push_str("{\"error\":{\"message\":\"");
-    json_escape_into(message, &mut body);
-    let _ = write!(
-        body,
-        "\",\"type\":\"{kind}\",\"param\":null,\"code\":{}}}}}",
-        status.as_u16()
-    );
+    let body = openai_error_json(status, kind, message);
     let mut r = Response::new(GatewayBody::local(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -531,7 +524,7 @@ fn health(shared: &Shared) -> Response<GatewayBody> {
 type Series = (
     &'static str,
     &'static str,
-    fn(&crate::pool::ReplicaState) -> f64,
+    fn(&replica_router::pool::ReplicaState) -> f64,
 );
 
 fn metrics(shared: &Shared) -> Response<GatewayBody> {

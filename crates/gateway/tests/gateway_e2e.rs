@@ -8,8 +8,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use replica_router::gateway::{Gateway, GatewayConfig};
-use replica_router::mock::{MockConfig, MockEngine, MockServer};
+use replica_router_gateway::{Gateway, GatewayConfig};
+use replica_router_mock::{MockConfig, MockEngine, MockServer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -46,7 +46,7 @@ impl Rate {
     /// Parses `N/SECS` (`100/60`, or `100/60s`).
     ///
     /// ```
-    /// use replica_router::gateway::Rate;
+    /// use replica_router_gateway::Rate;
     /// let r = Rate::parse("100/60").unwrap();
     /// assert_eq!((r.n, r.per.as_secs()), (100, 60));
     /// assert!(Rate::parse("100").is_none() && Rate::parse("1/0").is_none());
@@ -203,7 +203,7 @@ impl GatewayConfig {
     /// are both accepted.
     ///
     /// ```
-    /// use replica_router::gateway::{GatewayConfig, Policy};
+    /// use replica_router_gateway::{GatewayConfig, Policy};
     /// let cfg = GatewayConfig::from_args(["--replica", "http://127.0.0.1:8001,weight=2",
     ///     "--replica=http://127.0.0.1:8002", "--policy", "round-robin", "--listen", "127.0.0.1:0"]).unwrap();
     /// assert_eq!(cfg.replicas.len(), 2);

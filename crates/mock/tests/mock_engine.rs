@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use replica_router::mock::{
+use replica_router_mock::{
     chat_tokens, FinishReason, MockConfig, MockEngine, MockError, MockEvent, MockPrompt,
     MockRequest, MockUsage,
 };

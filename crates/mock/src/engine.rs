@@ -48,8 +48,8 @@ impl MockPrompt {
 /// A typed request to a [`MockEngine`].
 ///
 /// It carries `http::Extensions` so the crate's layers can route it in-process (it implements
-/// [`RouteRequest`](crate::request::RouteRequest)): put a
-/// [`RouteContext`](crate::context::RouteContext) with the session key in `extensions`, and a
+/// [`RouteRequest`](replica_router::request::RouteRequest)): put a
+/// [`RouteContext`](replica_router::context::RouteContext) with the session key in `extensions`, and a
 /// `Pool<MockEngine>` behind the stack simulates a cluster in virtual time.
 #[derive(Debug, Clone)]
 pub struct MockRequest {
@@ -76,7 +76,7 @@ impl MockRequest {
     }
 
     /// The same request with a route context (session key, estimated tokens, ...).
-    pub fn with_context(mut self, ctx: crate::context::RouteContext) -> Self {
+    pub fn with_context(mut self, ctx: replica_router::context::RouteContext) -> Self {
         self.extensions.insert(ctx);
         self
     }
@@ -198,7 +198,7 @@ struct Shared {
 /// the last request has finished. A response whose receiver is dropped is cancelled and leaves the batch.
 ///
 /// ```
-/// use replica_router::mock::{MockConfig, MockEngine, MockPrompt, MockRequest};
+/// use replica_router_mock::{MockConfig, MockEngine, MockPrompt, MockRequest};
 /// use tower::ServiceExt;
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]

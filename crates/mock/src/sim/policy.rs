@@ -5,13 +5,13 @@ use std::fmt;
 use tower::util::BoxCloneService;
 use tower::ServiceBuilder;
 
-use crate::affinity::{AffinityConfigError, AffinityKey, AffinityLayer};
-use crate::balance::{LeastInFlightLayer, LoadMeasure, RoundRobinLayer};
-use crate::dispatch::Dispatch;
-use crate::error::RouteError;
-use crate::pool::Pool;
-use crate::rng::RngSeed;
 use crate::sim::backend::{SimBackend, SimRequest, SimStream};
+use replica_router::affinity::{AffinityConfigError, AffinityKey, AffinityLayer};
+use replica_router::balance::{LeastInFlightLayer, LoadMeasure, RoundRobinLayer};
+use replica_router::dispatch::Dispatch;
+use replica_router::error::RouteError;
+use replica_router::pool::Pool;
+use replica_router::rng::RngSeed;
 
 /// The balance factor that stands for "never spill": plain consistent hashing with pins.
 const NEVER_SPILL: f64 = 1e12;

@@ -2,11 +2,11 @@
 
 use std::task::{Context, Poll};
 
-use crate::backend::{Backend, BoxFuture, LoadReport};
-use crate::decision::Decision;
-use crate::error::BoxError;
-use crate::inflight::{InFlightGuard, Outcome};
-use crate::request::{RouteRequest, RouteResponse};
+use replica_router::backend::{Backend, BoxFuture, LoadReport};
+use replica_router::decision::Decision;
+use replica_router::error::BoxError;
+use replica_router::inflight::{InFlightGuard, Outcome};
+use replica_router::request::{RouteRequest, RouteResponse};
 
 use super::engine::{MockEngine, MockEvent, MockRequest, MockResponse, MockUsage};
 use super::error::MockError;

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
 
-use crate::error::BoxError;
-use crate::inflight::TrackedBody;
+use replica_router::error::BoxError;
+use replica_router::inflight::TrackedBody;
 
 /// A response body of the gateway.
 ///

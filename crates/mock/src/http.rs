@@ -33,7 +33,7 @@ pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// A running HTTP mock replica; dropping it (or [`MockServer::shutdown`]) stops it.
 ///
 /// ```
-/// use replica_router::mock::{MockConfig, MockEngine, MockServer};
+/// use replica_router_mock::{MockConfig, MockEngine, MockServer};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> std::io::Result<()> {

@@ -133,7 +133,7 @@ impl Workload {
     /// tokens (the engines' block size).
     ///
     /// ```
-    /// use replica_router::sim::{Workload, WorkloadConfig};
+    /// use replica_router_mock::sim::{Workload, WorkloadConfig};
     /// let cfg = WorkloadConfig { sessions: 50, ..WorkloadConfig::default() };
     /// let a = Workload::generate(&cfg, 7, 16);
     /// assert_eq!(a, Workload::generate(&cfg, 7, 16)); // deterministic by seed

@@ -2,6 +2,7 @@
 //! across both, and a session goes to the same replica whichever gateway it reaches.
 #![cfg(feature = "redis")]
 
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
 use std::net::SocketAddr;
@@ -11,8 +12,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use replica_router::gateway::{Gateway, GatewayConfig};
-use replica_router::mock::{MockConfig, MockEngine, MockServer};
+use replica_router_gateway::{Gateway, GatewayConfig};
+use replica_router_mock::{MockConfig, MockEngine, MockServer};
 
 fn chat() -> Bytes {
     Bytes::from_static(br#"{"model":"mock-llama-3-70b","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use replica_router::affinity::AffinityKey;
 use replica_router::balance::LoadMeasure;
-use replica_router::sim::{
+use replica_router_mock::sim::{
     simulate, FailurePlan, Policy, PolicyReport, Scenario, SimOptions, SimSetupError, Workload,
     WorkloadConfig,
 };

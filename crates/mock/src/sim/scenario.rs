@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::mock::MockConfig;
+use crate::MockConfig;
 
 /// One replica of a scenario.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,7 +42,7 @@ impl Scenario {
     /// `n` identical TP=2 replicas of weight 1.
     ///
     /// ```
-    /// use replica_router::sim::Scenario;
+    /// use replica_router_mock::sim::Scenario;
     /// assert_eq!(Scenario::homogeneous(4).replicas.len(), 4);
     /// ```
     pub fn homogeneous(n: usize) -> Scenario {
@@ -64,7 +64,7 @@ impl Scenario {
     /// of weight 1 (at least one): for `n = 4`, 2 x TP=2 + 1 x TP=4.
     ///
     /// ```
-    /// use replica_router::sim::Scenario;
+    /// use replica_router_mock::sim::Scenario;
     /// let s = Scenario::heterogeneous(4);
     /// let tps: Vec<u32> = s.replicas.iter().map(|r| r.tp).collect();
     /// assert_eq!(tps, [2, 2, 4]);

@@ -6,7 +6,7 @@
 /// bytes.
 ///
 /// ```
-/// use replica_router::mock::tokenize;
+/// use replica_router_mock::tokenize;
 /// assert_eq!(tokenize("hello world").len(), 4); // "hell" "o" "worl" "d"
 /// assert_eq!(tokenize("a b"), tokenize("  a\n b "));
 /// ```
@@ -40,7 +40,7 @@ fn token_id(bytes: &[u8]) -> u32 {
 /// the client sends the conversation back with the assistant's answer appended.
 ///
 /// ```
-/// use replica_router::mock::chat_tokens;
+/// use replica_router_mock::chat_tokens;
 /// let t1 = chat_tokens([("user", "what is a replica?")]);
 /// let t2 = chat_tokens([("user", "what is a replica?"), ("assistant", "a model copy"), ("user", "and TP?")]);
 /// assert!(t2.starts_with(&t1));

@@ -28,7 +28,7 @@
 //!
 //! In-process, a `Pool<MockEngine>` is a cluster the crate's layers route over directly:
 //! [`MockRequest`] carries extensions (the route context and decision), [`MockEngine`] is a
-//! [`Backend`](crate::backend::Backend) that reports its load as vLLM does, and a routed response
+//! [`Backend`](replica_router::backend::Backend) that reports its load as vLLM does, and a routed response
 //! ([`RoutedResponse`]) stays in flight on its replica until its last token. Under a paused tokio
 //! clock such a simulation is exact and fast (`tests/mock_routing.rs` compares session affinity
 //! with round-robin this way).
@@ -42,6 +42,8 @@ mod error;
 mod http;
 mod route;
 mod tokenize;
+
+pub mod sim;
 
 pub use cache::block_hashes;
 pub use config::MockConfig;

@@ -18,7 +18,7 @@ pub(crate) fn mix(h: u64, x: u64) -> u64 {
 /// tokens. A trailing partial block is not cached (as in vLLM).
 ///
 /// ```
-/// use replica_router::mock::block_hashes;
+/// use replica_router_mock::block_hashes;
 /// let turn1: Vec<u32> = (0..40).collect();
 /// let mut turn2 = turn1.clone();
 /// turn2.extend(100..140);
