@@ -15,12 +15,12 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion};
 use futures_util::FutureExt;
 use hashring::HashRing;
-use replica_router::affinity::ring::{
-    key_hash, place, vnode_count, BalanceFactor, KeyBytes, Ring, VirtualNode,
-};
 use replica_router::affinity::AffinityLayer;
 use replica_router::context::{RouteContext, RouteKey};
 use replica_router::decision::Decision;
+use replica_router::pick::ring::{
+    key_hash, place, vnode_count, BalanceFactor, KeyBytes, Ring, VirtualNode,
+};
 use replica_router::pool::Pool;
 use replica_router::replica::{ReplicaId, ReplicaSpec};
 use tower::{Layer, Service};

@@ -15,8 +15,9 @@ use support::{Noop, ALLOCS};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use futures_util::FutureExt;
-use replica_router::balance::{pick_two_choices, LeastInFlightLayer, LoadMeasure};
+use replica_router::balance::{LeastInFlightLayer, LoadMeasure};
 use replica_router::dispatch::Dispatch;
+use replica_router::pick::pick_two_choices;
 use replica_router::pool::Pool;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::rng::RngSeed;

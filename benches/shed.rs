@@ -21,10 +21,11 @@ use replica_router::dispatch::Dispatch;
 use replica_router::health::{
     FailoverLayer, OutlierConfig, OutlierDetectionLayer, OutlierDetector,
 };
+use replica_router::load::WaitEstimator;
 use replica_router::pool::Pool;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::rng::RngSeed;
-use replica_router::shed::{ShedLayer, WaitEstimator};
+use replica_router::shed::ShedLayer;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 

@@ -1,7 +1,7 @@
 //! Measures how many keys move when one replica leaves or joins a bounded-load ring.
 //!
 //! `cargo run --release --example affinity_churn`
-use replica_router::affinity::ring::{key_hash, place, BalanceFactor, Ring};
+use replica_router::pick::ring::{key_hash, place, BalanceFactor, Ring};
 
 fn place_all(ids: &[String], weights: &[f64], keys: &[u64], c: f64) -> Vec<String> {
     let ring = Ring::build(

@@ -124,7 +124,8 @@
 //! use replica_router::pool::Pool;
 //! use replica_router::quota::{QuotaConfig, QuotaLayer, TenantLimits};
 //! use replica_router::replica::ReplicaSpec;
-//! use replica_router::shed::{ShedLayer, StickyPolicy};
+//! use replica_router::shed::ShedLayer;
+//! use replica_router::load::StickyPolicy;
 //! use replica_router::store::{MemoryStore, RateQuota};
 //! use tower::{Service, ServiceBuilder, ServiceExt};
 //!
@@ -186,7 +187,7 @@
 //!
 //! Run a [`HealthChecker`](crate::health::HealthChecker) beside it (active probes; it also
 //! scrapes the engines' `/metrics` into [`LoadReport`](crate::backend::LoadReport)s that the
-//! shedding layer's [`WaitEstimator`](crate::shed::WaitEstimator) uses), and put
+//! shedding layer's [`WaitEstimator`](crate::load::WaitEstimator) uses), and put
 //! [`FailoverLayer`](crate::health::FailoverLayer) and
 //! [`OutlierDetectionLayer`](crate::health::OutlierDetectionLayer) above the picking layers to
 //! retry requests whose replica died before answering and to eject failing replicas; see
@@ -207,7 +208,7 @@
 //! use replica_router::balance::LeastInFlightLayer;
 //! use replica_router::decision::Decision;
 //! use replica_router::dispatch::Dispatch;
-//! use replica_router::error::PoolError;
+//! use replica_router::replica::PoolError;
 //! use replica_router::pool::Pool;
 //! use replica_router::replica::{ReplicaSpec, SpecPolicy};
 //! use replica_router::rng::RngSeed;
@@ -323,7 +324,7 @@
 //! | the guide's policy | in this crate |
 //! |---|---|
 //! | **Round-robin**: fine for stateless workloads; poor for sticky chat with uneven session lengths | [`RoundRobinLayer`](crate::balance::RoundRobinLayer) over the eligible replicas. For chat use affinity, not round-robin. |
-//! | **Least connections / least in-flight**, with queue-depth metrics from each engine | [`LeastInFlightLayer`](crate::balance::LeastInFlightLayer): weighted power of two choices on requests (or estimated tokens, [`LoadMeasure`](crate::pool::LoadMeasure)) in flight, counted until the response body ends. The engines' own running/waiting counts ([`Backend::load_report`](crate::backend::Backend::load_report); vLLM's `/metrics` via [`VllmParser`](crate::load::prometheus::VllmParser)) feed the [`WaitEstimator`](crate::shed::WaitEstimator) used by shedding and by the affinity layer's spill choice. |
+//! | **Least connections / least in-flight**, with queue-depth metrics from each engine | [`LeastInFlightLayer`](crate::balance::LeastInFlightLayer): weighted power of two choices on requests (or estimated tokens, [`LoadMeasure`](crate::pool::LoadMeasure)) in flight, counted until the response body ends. The engines' own running/waiting counts ([`Backend::load_report`](crate::backend::Backend::load_report); vLLM's `/metrics` via [`VllmParser`](crate::load::prometheus::VllmParser)) feed the [`WaitEstimator`](crate::load::WaitEstimator) used by shedding and by the affinity layer's spill choice. |
 //! | **Weighted / capacity-aware** for heterogeneous replicas | [`ReplicaSpec::capacity_weight`](crate::replica::ReplicaSpec::capacity_weight), used by every picker (weighted sampling, weight-normalized loads, virtual nodes in proportion to weight, bounded loads per weight, wait-estimate slots per weight); [`SlowStart`](crate::pool::SlowStart) ramps the weight of a replica that just joined. See stack (c). |
 //! | **SLO-aware shedding**: 429 or queue at the gateway when all replicas exceed wait thresholds | [`ShedLayer`](crate::shed::ShedLayer): [`RouteError::Overloaded`](crate::error::RouteError::Overloaded) (429 with `Retry-After`) when every replica's estimated wait is over the budget; optional bounded admission queue that sheds batch before interactive ([`ShedLayer::queue`](crate::shed::ShedLayer::queue), per-priority budgets). |
 //! | **Session affinity** by session id, user hash or conversation key, with cache migration only when a replica fails | [`AffinityLayer`](crate::affinity::AffinityLayer) with [`AffinityKey`](crate::affinity::AffinityKey) `Session`, `User` or `SessionThenUser`; bounded loads so stickiness does not hot-spot; pins with a TTL. On failure the session moves with reason [`Failover`](crate::decision::DecisionReason::Failover); the cache itself is not migrated (see [out of scope](#out-of-scope)). |
@@ -345,7 +346,7 @@
 //!   spreads heavy users (Harbor's fix); [`tenant_share`](crate::affinity::AffinityBuilder::tenant_share)
 //!   caps one tenant's share of a replica. The engines' KV usage
 //!   ([`LoadReport::kv_usage`](crate::backend::LoadReport::kv_usage)) counts in the wait estimate
-//!   ([`WaitEstimator::kv_saturation`](crate::shed::WaitEstimator::kv_saturation)), is exported
+//!   ([`WaitEstimator::kv_saturation`](crate::load::WaitEstimator::kv_saturation)), is exported
 //!   per replica by [`record_pool_metrics`](crate::health::record_pool_metrics) and averaged in
 //!   the [`Recommendation`](crate::autoscale::Recommendation) of the autoscale signal.
 //! - *PagedAttention pools apply per process; DP does not unify memory.* A fact about engines;
@@ -452,15 +453,15 @@
 //! | Align autoscaling triggers with queue wait and GPU batch utilization | [`AutoscaleSignal`](crate::autoscale::AutoscaleSignal), fed by [`ShedLayer::autoscale`](crate::shed::ShedLayer::autoscale) |
 //! | Apply cluster-wide tenant quotas and admission control, not per-replica silos | [`QuotaLayer`](crate::quota::QuotaLayer) over a shared [`CounterStore`](crate::store::CounterStore); [`ShedLayer`](crate::shed::ShedLayer) for admission |
 //! | Stagger replica startup to avoid simultaneous weight downloads hammering storage | [`StaggeredStart`](crate::rollout::StaggeredStart) and [`Rollout`](crate::rollout::Rollout) |
-//! | Validate quantization and TP settings identically across replicas | [`SpecPolicy::Identical`](crate::replica::SpecPolicy::Identical) (the default) at build and every [`Pool::add`](crate::pool::Pool::add): [`PoolError::SpecMismatch`](crate::error::PoolError::SpecMismatch) names the odd replica; [`Pool::check_new`](crate::pool::Pool::check_new) before launching one |
-//! | Load-test sticky hash distribution with realistic long/short session mixes | placement is a pure, deterministic function: replay your key mix through [`affinity::ring`](crate::affinity::ring) offline (below); the `sim` module (feature `sim`, `examples/simulate.rs`) drives a long/short, heavy-user chat mix through the real layers in virtual time and reports max/mean replica load, TTFT and prefix-cache hit rate per policy; `benches/affinity.rs` and `examples/affinity_churn.rs` measure spread and churn |
+//! | Validate quantization and TP settings identically across replicas | [`SpecPolicy::Identical`](crate::replica::SpecPolicy::Identical) (the default) at build and every [`Pool::add`](crate::pool::Pool::add): [`PoolError::SpecMismatch`](crate::replica::PoolError::SpecMismatch) names the odd replica; [`Pool::check_new`](crate::pool::Pool::check_new) before launching one |
+//! | Load-test sticky hash distribution with realistic long/short session mixes | placement is a pure, deterministic function: replay your key mix through [`affinity::ring`](crate::pick::ring) offline (below); the `sim` module (feature `sim`, `examples/simulate.rs`) drives a long/short, heavy-user chat mix through the real layers in virtual time and reports max/mean replica load, TTFT and prefix-cache hit rate per policy; `benches/affinity.rs` and `examples/affinity_churn.rs` measure spread and churn |
 //! | Document replica count x TP degree x PP degree = total GPUs required | [`Pool::total_gpus`](crate::pool::Pool::total_gpus), [`ReplicaSpec::gpus`](crate::replica::ReplicaSpec::gpus) |
 //!
 //! Load-testing the sticky distribution offline, with the same ring and bound the layer uses
 //! (here: 10 000 sessions over 4 replicas, each replica within `ceil(1.25 x average)`):
 //!
 //! ```
-//! use replica_router::affinity::ring::{key_hash, place, BalanceFactor, Ring};
+//! use replica_router::pick::ring::{key_hash, place, BalanceFactor, Ring};
 //!
 //! let ids = ["gpu-0", "gpu-1", "gpu-2", "gpu-3"];
 //! let ring = Ring::build(ids.iter().map(|id| (*id, 1.0)), 160);
@@ -485,7 +486,7 @@
 //!   [`DecisionReason::Failover`](crate::decision::DecisionReason::Failover) or
 //!   [`Spill`](crate::decision::DecisionReason::Spill) (and the `x-replica-affinity` header),
 //!   the signal for the server that the new replica replays the prefill; the
-//!   [`StickyPolicy`](crate::shed::StickyPolicy) chooses between waiting for the warm replica and
+//!   [`StickyPolicy`](crate::load::StickyPolicy) chooses between waiting for the warm replica and
 //!   moving.
 //! - **GPU profiling, capacity planning, engine tuning** (batch size, chunked prefill, TP/PP
 //!   choice). The crate sees queue wait, in-flight load and what engines report; its

@@ -22,7 +22,16 @@ use tokio::time::Instant;
 use crate::context::RouteContext;
 use crate::pool::ReplicaState;
 use crate::replica::ReplicaId;
-use crate::request::CompletionObservers;
+
+/// The observers to call when a request finishes, as stored in the request's extensions.
+#[derive(Clone, Default)]
+pub struct CompletionObservers(pub(crate) Vec<Arc<dyn CompletionObserver>>);
+
+impl std::fmt::Debug for CompletionObservers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CompletionObservers({})", self.0.len())
+    }
+}
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

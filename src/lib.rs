@@ -102,6 +102,7 @@ pub mod health;
 pub mod http_backend;
 pub mod inflight;
 pub mod load;
+pub mod pick;
 pub mod pool;
 pub mod quota;
 pub mod replica;

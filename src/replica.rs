@@ -8,8 +8,6 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::error::PoolError;
-
 /// Longest accepted replica id, in bytes.
 pub const MAX_REPLICA_ID_LEN: usize = 256;
 
@@ -278,4 +276,50 @@ impl SpecPolicy {
         }
         Ok(())
     }
+}
+
+/// Errors from changing a pool's membership or building one.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// A pool was built with no replicas.
+    #[error("a pool needs at least one replica")]
+    Empty,
+    /// Two replicas share an id.
+    #[error("duplicate replica id {0}")]
+    DuplicateReplica(ReplicaId),
+    /// No replica has this id.
+    #[error("unknown replica id {0}")]
+    UnknownReplica(ReplicaId),
+    /// A capacity weight is zero, negative, NaN or infinite.
+    #[error("replica {replica}: capacity weight must be finite and > 0, got {value}")]
+    InvalidWeight {
+        /// The replica.
+        replica: ReplicaId,
+        /// The rejected value.
+        value: f64,
+    },
+    /// A spec field is out of range (for example TP = 0).
+    #[error("replica {replica}: invalid spec: {detail}")]
+    InvalidSpec {
+        /// The replica.
+        replica: ReplicaId,
+        /// What is wrong.
+        detail: &'static str,
+    },
+    /// A replica disagrees with the rest of the pool on a field that must match.
+    #[error("replica {replica} differs from the pool in {field}: pool has {expected}, replica has {found}")]
+    SpecMismatch {
+        /// The odd replica.
+        replica: ReplicaId,
+        /// Which field (`model`, `quantization`, `tensor_parallel`, `pipeline_parallel`).
+        field: &'static str,
+        /// The pool's value.
+        expected: String,
+        /// The replica's value.
+        found: String,
+    },
+    /// A replica id is empty or too long.
+    #[error("invalid replica id: {0}")]
+    InvalidId(&'static str),
 }

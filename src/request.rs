@@ -8,17 +8,7 @@ use std::sync::Arc;
 
 use crate::context::RouteContext;
 use crate::decision::Decision;
-use crate::inflight::{CompletionObserver, InFlightGuard, TrackedBody};
-
-/// The observers to call when a request finishes, as stored in the request's extensions.
-#[derive(Clone, Default)]
-pub struct CompletionObservers(pub(crate) Vec<Arc<dyn CompletionObserver>>);
-
-impl std::fmt::Debug for CompletionObservers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CompletionObservers({})", self.0.len())
-    }
-}
+use crate::inflight::{CompletionObserver, CompletionObservers, InFlightGuard, TrackedBody};
 
 /// A request the routing layers can route.
 pub trait RouteRequest {

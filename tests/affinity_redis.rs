@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::{ChunkBody, ScriptedBackend};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use replica_router::affinity::ring::{key_hash, Ring};
 use replica_router::affinity::{AffinityLayer, PIN_ERRORS_COUNTER};
 use replica_router::balance::LeastInFlightLayer;
 use replica_router::context::RouteContextLayer;
@@ -20,6 +19,7 @@ use replica_router::decision::{Decision, DecisionReason};
 use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
 use replica_router::inflight::TrackedBody;
+use replica_router::pick::ring::{key_hash, Ring};
 use replica_router::pool::Pool;
 use replica_router::quota::FailurePolicy;
 use replica_router::replica::ReplicaSpec;

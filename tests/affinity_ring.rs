@@ -6,11 +6,11 @@ use std::hash::Hasher;
 
 use hashring::HashRing;
 use proptest::prelude::*;
-use replica_router::affinity::ring::{
+use replica_router::decision::DecisionReason;
+use replica_router::pick::ring::{
     key_hash, place, vnode_count, vnode_hash, BalanceFactor, Bound, KeyBytes, LoadView, Ring,
     VirtualNode,
 };
-use replica_router::decision::DecisionReason;
 use replica_router::replica::ReplicaId;
 
 /// Places `keys` one after another, each placement seeing the counts of the keys placed before

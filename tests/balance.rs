@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use common::{request, Script, ScriptedBackend};
 use proptest::prelude::*;
-use replica_router::balance::{pick_two_choices, LeastInFlightLayer, LoadMeasure, RoundRobinLayer};
+use replica_router::balance::{LeastInFlightLayer, LoadMeasure, RoundRobinLayer};
 use replica_router::decision::{Decision, DecisionReason};
 use replica_router::dispatch::Dispatch;
 use replica_router::error::{NoReplicaReason, RouteError};
+use replica_router::pick::pick_two_choices;
 use replica_router::pool::{Health, Pool};
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::rng::RngSeed;

@@ -23,11 +23,11 @@ use replica_router::health::{
     OutlierDetectionLayer, OutlierDetector,
 };
 use replica_router::inflight::{Completion, CompletionObserver, Outcome, TrackedBody};
+use replica_router::load::WaitEstimator;
 use replica_router::pool::{Health, Pool, SlowStart};
 use replica_router::replica::{ReplicaId, ReplicaSpec};
 use replica_router::request::RouteRequest;
 use replica_router::rng::RngSeed;
-use replica_router::shed::WaitEstimator;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 

@@ -16,10 +16,11 @@ use replica_router::error::RouteError;
 use replica_router::health::{
     record_pool_metrics, OutlierConfig, OutlierDetectionLayer, OutlierDetector,
 };
+use replica_router::load::WaitEstimator;
 use replica_router::pool::Pool;
 use replica_router::replica::ReplicaSpec;
 use replica_router::rng::RngSeed;
-use replica_router::shed::{ShedLayer, WaitEstimator};
+use replica_router::shed::ShedLayer;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 

@@ -1,7 +1,7 @@
 //! Pool membership, validation and bad input.
 
-use replica_router::error::PoolError;
 use replica_router::pool::{Health, Pool};
+use replica_router::replica::PoolError;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 
 fn spec() -> ReplicaSpec {

@@ -6,9 +6,9 @@ use std::time::Duration;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use replica_router::backend::LoadReport;
 use replica_router::health::record_pool_metrics;
+use replica_router::load::WaitEstimator;
 use replica_router::pool::Pool;
 use replica_router::replica::ReplicaSpec;
-use replica_router::shed::WaitEstimator;
 use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]

@@ -19,8 +19,9 @@ use replica_router::backend::{Backend, BoxFuture};
 use replica_router::balance::LeastInFlightLayer;
 use replica_router::decision::{Decision, DecisionReason};
 use replica_router::dispatch::Dispatch;
-use replica_router::error::{BoxError, PoolError};
+use replica_router::error::BoxError;
 use replica_router::pool::{Health, Pool, SlowStart};
+use replica_router::replica::PoolError;
 use replica_router::replica::{ReplicaId, ReplicaSpec};
 use replica_router::rng::RngSeed;
 use replica_router::rollout::{

@@ -14,10 +14,11 @@ use replica_router::context::{Priority, RouteContext};
 use replica_router::decision::{Decision, DecisionReason};
 use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
+use replica_router::load::{SloAdvice, StickyPolicy, WaitEstimator};
 use replica_router::pool::Pool;
 use replica_router::replica::{ReplicaId, ReplicaSpec};
 use replica_router::rng::RngSeed;
-use replica_router::shed::{ShedLayer, SloAdvice, StickyPolicy, WaitEstimator};
+use replica_router::shed::ShedLayer;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 

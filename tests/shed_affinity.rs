@@ -15,10 +15,11 @@ use replica_router::decision::{Decision, DecisionReason};
 use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
 use replica_router::inflight::TrackedBody;
+use replica_router::load::{StickyPolicy, WaitEstimator};
 use replica_router::pool::Pool;
 use replica_router::replica::{ReplicaId, ReplicaSpec};
 use replica_router::rng::RngSeed;
-use replica_router::shed::{ShedLayer, StickyPolicy, WaitEstimator};
+use replica_router::shed::ShedLayer;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 type Resp = http::Response<TrackedBody<common::ChunkBody>>;

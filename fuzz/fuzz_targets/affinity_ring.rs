@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use futures_util::FutureExt;
 use libfuzzer_sys::fuzz_target;
-use replica_router::affinity::ring::{key_hash, place, BalanceFactor, Ring, SnapshotView};
+use replica_router::pick::ring::{key_hash, place, BalanceFactor, Ring, SnapshotView};
 use replica_router::affinity::{AffinityKey, AffinityLayer};
 use replica_router::backend::ServiceBackend;
 use replica_router::balance::LeastInFlightLayer;

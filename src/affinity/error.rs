@@ -26,3 +26,9 @@ pub enum AffinityConfigError {
     #[error("max key length must be at least 1")]
     MaxKeyLen,
 }
+
+impl From<crate::pick::InvalidBalanceFactor> for AffinityConfigError {
+    fn from(e: crate::pick::InvalidBalanceFactor) -> Self {
+        AffinityConfigError::BalanceFactor(e.0)
+    }
+}

@@ -40,9 +40,9 @@
 //!    When a replica comes back, only sessions without a live pin go to it (new sessions, or
 //!    ones whose ring home it is): live sessions stay where they are, so nothing thrashes.
 //! 6. **Wait budget.** With a [`ShedLayer`](crate::shed::ShedLayer) above, each request
-//!    carries an [`SloAdvice`](crate::shed::SloAdvice): a replica whose estimated queue wait is
+//!    carries an [`SloAdvice`](crate::load::SloAdvice): a replica whose estimated queue wait is
 //!    over the budget is avoided while another will do, and a session pinned to such a replica
-//!    follows the shedding layer's [`StickyPolicy`](crate::shed::StickyPolicy): spill (replay
+//!    follows the shedding layer's [`StickyPolicy`](crate::load::StickyPolicy): spill (replay
 //!    the prefill elsewhere, reason `spill`) or wait at home up to a bound. It only leaves home
 //!    for a replica that is within budget.
 //! 7. **Pin-table failures** (a remote store down or timing out) never fail a request: the
@@ -130,7 +130,6 @@ mod future;
 mod headers;
 mod layer;
 pub mod pins;
-pub mod ring;
 mod service;
 mod spread;
 
@@ -141,8 +140,8 @@ pub use self::layer::{
     AffinityBuilder, AffinityLayer, DEFAULT_PINNED_OVERLOAD_FACTOR, DEFAULT_PIN_TTL,
     DEFAULT_TENANT_BUCKETS,
 };
-pub use self::ring::BalanceFactor;
 pub use self::service::Affinity;
+pub use crate::pick::ring::BalanceFactor;
 
 /// Counter of affinity decisions, labelled `reason` = `home`, `spill` or `failover`.
 pub const DECISIONS_COUNTER: &str = "replica_router_affinity_decisions_total";

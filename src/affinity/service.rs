@@ -9,20 +9,20 @@ use tokio::time::Instant;
 
 use crate::affinity::future::{AffinityFuture, PinWrite, Waiting};
 use crate::affinity::pins::{PinError, PinFuture, PinTable};
-use crate::affinity::ring::{
-    key_hash, place_bounded, place_least_loaded, BalanceFactor, Bound, LoadView, Placement, Ring,
-    SnapshotView,
-};
 use crate::affinity::spread::TenantSpread;
 use crate::affinity::{AffinityKey, DECISIONS_COUNTER, PIN_ERRORS_COUNTER, RING_REBUILDS_COUNTER};
-use crate::balance::no_replica;
 use crate::context::{RouteContext, RouteKey};
 use crate::decision::{Decision, DecisionReason};
 use crate::error::{KeyKind, RouteError};
+use crate::load::SloAdvice;
+use crate::pick::no_replica;
+use crate::pick::ring::{
+    key_hash, place_bounded, place_least_loaded, BalanceFactor, Bound, LoadView, Placement, Ring,
+    SnapshotView,
+};
 use crate::pool::{LoadMeasure, Pool, PoolSnapshot};
 use crate::replica::ReplicaId;
 use crate::request::RouteRequest;
-use crate::shed::SloAdvice;
 
 /// Validated settings.
 #[derive(Debug, Clone)]

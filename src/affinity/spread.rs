@@ -6,7 +6,7 @@
 //! goes on to the next replica in ring order.
 //!
 //! Kept simple, and approximate on purpose:
-//! - **Bounded memory**: tenants are hashed ([`key_hash`](super::ring::key_hash)) into a fixed
+//! - **Bounded memory**: tenants are hashed ([`key_hash`](crate::pick::ring::key_hash)) into a fixed
 //!   number of buckets (default 256); tenants sharing a bucket are capped together, which only
 //!   makes the cap stricter. The table holds `buckets x replicas` cells, remapped by replica id
 //!   when the membership changes.
@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::time::Instant;
 
-use super::ring::key_hash;
+use crate::pick::ring::key_hash;
 use crate::pool::PoolSnapshot;
 use crate::replica::ReplicaId;
 

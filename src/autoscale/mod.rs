@@ -27,7 +27,7 @@
 //! use replica_router::autoscale::{AutoscaleConfig, AutoscaleSignal, ScaleAction};
 //! use replica_router::pool::Pool;
 //! use replica_router::replica::ReplicaSpec;
-//! use replica_router::shed::WaitEstimator;
+//! use replica_router::load::WaitEstimator;
 //! use std::time::Duration;
 //! use tokio::time::Instant;
 //!
@@ -49,8 +49,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::load::WaitEstimator;
 use crate::pool::PoolSnapshot;
-use crate::shed::WaitEstimator;
 
 use self::window::Window;
 

@@ -4,10 +4,10 @@ use std::task::{Context, Poll};
 
 use rand::rngs::SmallRng;
 
-use crate::balance::{no_replica, pick_two_choices};
 use crate::decision::{Decision, DecisionReason};
 use crate::error::RouteError;
 use crate::future::RouteFuture;
+use crate::pick::{no_replica, pick_two_choices};
 use crate::pool::{LoadMeasure, Pool};
 use crate::request::RouteRequest;
 use crate::rng::RngSeed;

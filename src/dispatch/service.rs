@@ -4,13 +4,14 @@ use std::task::{Context, Poll};
 use rand::rngs::SmallRng;
 
 use crate::backend::Backend;
-use crate::balance::{least_loaded_scan, no_replica, pick_two_choices};
 use crate::decision::{Decision, DecisionReason};
 use crate::dispatch::future::DispatchFuture;
 use crate::error::{BoxError, NoReplicaReason, RouteError};
+use crate::inflight::CompletionObservers;
 use crate::inflight::InFlightGuard;
+use crate::pick::{least_loaded_scan, no_replica, pick_two_choices};
 use crate::pool::{LoadMeasure, Pool, PoolSnapshot, Replica};
-use crate::request::{CompletionObservers, RouteRequest, RouteResponse};
+use crate::request::{RouteRequest, RouteResponse};
 use crate::rng::RngSeed;
 
 /// How many times dispatch re-picks when the decided replica cannot take the request.

@@ -10,9 +10,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::backend::Backend;
 use crate::health::metrics::record_pool_metrics;
 use crate::health::OutlierDetector;
+use crate::load::WaitEstimator;
 use crate::pool::{Health, Pool};
 use crate::replica::ReplicaId;
-use crate::shed::WaitEstimator;
 
 /// How often and how strictly to probe.
 #[derive(Debug, Clone, PartialEq)]

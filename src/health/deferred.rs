@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::inflight::CompletionObservers;
 use crate::inflight::{Completion, CompletionObserver, Outcome};
 use crate::replica::ReplicaId;
-use crate::request::CompletionObservers;
 
 /// An owned copy of a [`Completion`].
 #[derive(Debug)]

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use crate::error::PoolError;
 use crate::pool::Pool;
+use crate::replica::PoolError;
 
 /// How a [`drain_and_remove`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,8 +2,8 @@
 
 use tokio::time::Instant;
 
+use crate::load::WaitEstimator;
 use crate::pool::{Health, PoolSnapshot};
-use crate::shed::WaitEstimator;
 
 /// Sets the per-replica gauges for every member of `snapshot`, labelled `replica`:
 ///

@@ -8,9 +8,9 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::inflight::{Completion, CompletionObserver, Outcome};
+use crate::load::estimate::duration_mul;
 use crate::pool::{Health, Pool};
 use crate::replica::ReplicaId;
-use crate::shed::estimate::duration_mul;
 
 /// When to eject and for how long.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,8 +7,9 @@ use crate::health::deferred::Deferred;
 use crate::health::future::{FailoverFuture, Retry};
 use crate::health::ReplayRequest;
 use crate::inflight::CompletionObserver;
+use crate::inflight::CompletionObservers;
 use crate::pool::Pool;
-use crate::request::{CompletionObservers, RouteRequest};
+use crate::request::RouteRequest;
 
 /// Registers an outlier detector's observer on each request; made by
 /// [`OutlierDetectionLayer`](super::OutlierDetectionLayer).

@@ -1,4 +1,5 @@
-//! Load that a replica reports about itself.
+//! Load signals: what a replica reports about itself, the queue-wait estimate built on it, and
+//! the wait advice the shedding layer hands to the picking layers.
 //!
 //! The router counts what it sends (in-flight requests and tokens), but an inference engine knows
 //! things the router cannot see: how many sequences are in its running batch, how many wait in its
@@ -24,8 +25,12 @@
 //! assert_eq!(report.kv_usage, Some(0.25));
 //! ```
 
+mod advice;
+pub(crate) mod estimate;
 pub mod prometheus;
 
+pub use self::advice::{SloAdvice, StickyPolicy, WaitSource};
+pub use self::estimate::{WaitEstimate, WaitEstimator};
 pub use crate::backend::LoadReport;
 
 /// Cumulative prefix-cache counters, as an engine exports them (monotonic since engine start).

@@ -37,7 +37,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 pub use self::state::{Health, ReplicaState, SlowStart};
-use crate::error::PoolError;
+use crate::replica::PoolError;
 use crate::replica::{ReplicaId, ReplicaSpec, SpecPolicy, Weight};
 
 /// One member of a pool: identity, spec, validated weight, backend and live state.

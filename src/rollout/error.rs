@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use crate::error::{BoxError, PoolError};
+use crate::error::BoxError;
 use crate::pool::Health;
+use crate::replica::PoolError;
 use crate::replica::ReplicaId;
 use crate::rollout::event::RolloutReport;
 

@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backend::Backend;
-use crate::error::{BoxError, PoolError};
+use crate::error::BoxError;
 use crate::pool::{Health, Pool, Replica};
+use crate::replica::PoolError;
 use crate::replica::ReplicaId;
 use crate::rollout::config::{DrainTimeoutPolicy, RolloutConfig};
 use crate::rollout::error::{RolloutError, StepError};

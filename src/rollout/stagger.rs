@@ -8,8 +8,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backend::Backend;
-use crate::error::{BoxError, PoolError};
+use crate::error::BoxError;
 use crate::pool::{Health, Pool};
+use crate::replica::PoolError;
 use crate::replica::{ReplicaId, ReplicaSpec};
 use crate::rollout::config::StaggerConfig;
 use crate::rollout::error::{RolloutError, StepError};

@@ -3,9 +3,10 @@ use std::time::Duration;
 
 use crate::autoscale::AutoscaleSignal;
 use crate::context::Priority;
+use crate::load::{StickyPolicy, WaitEstimator};
 use crate::pool::Pool;
 use crate::shed::queue::{lane, AdmissionQueue, QueueNotifier};
-use crate::shed::{QueueSettings, Shared, Shed, StickyPolicy, WaitEstimator};
+use crate::shed::{QueueSettings, Shared, Shed};
 
 /// Adds SLO shedding (and optionally an admission queue) to a service stack.
 ///

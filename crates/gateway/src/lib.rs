@@ -81,12 +81,12 @@ pub use self::upstream::{Upstream, UpstreamBody, UpstreamFuture};
 pub use replica_router::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
 
 use self::service::{ConnState, Counters, Shared};
-use replica_router::error::PoolError;
 use replica_router::health::{
     HealthCheckConfig, HealthCheckHandle, HealthChecker, OutlierConfig, OutlierDetector,
 };
 use replica_router::http_backend::HttpReplicaError;
 use replica_router::pool::Pool;
+use replica_router::replica::PoolError;
 use replica_router::replica::ReplicaSpec;
 
 /// Renders the application's metrics recorder (for example a `PrometheusHandle::render`).

@@ -17,8 +17,9 @@ use crate::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest};
 use replica_router::affinity::AffinityConfigError;
 use replica_router::context::RouteContext;
 use replica_router::decision::DecisionReason;
-use replica_router::error::{PoolError, RouteError};
+use replica_router::error::RouteError;
 use replica_router::pool::Pool;
+use replica_router::replica::PoolError;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::request::RouteRequest;
 

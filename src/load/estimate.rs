@@ -33,7 +33,7 @@ use crate::pool::{PoolSnapshot, Replica, SlowStart};
 /// router's own view instead of freezing at its last number.
 ///
 /// ```
-/// use replica_router::shed::WaitEstimator;
+/// use replica_router::load::WaitEstimator;
 /// use std::time::Duration;
 /// let est = WaitEstimator::new().slots_per_weight(4.0);
 /// // 6 in flight on 4 slots: 3 ahead of a new request, one slot frees every 250 ms.

@@ -61,7 +61,7 @@ use std::ops::ControlFlow;
 
 use hashring::DefaultHashBuilder;
 
-use crate::affinity::error::AffinityConfigError;
+use super::InvalidBalanceFactor;
 use crate::decision::DecisionReason;
 use crate::pool::{LoadMeasure, PoolSnapshot};
 use crate::replica::ReplicaId;
@@ -113,7 +113,7 @@ fn write_vnode<H: Hasher>(state: &mut H, replica: &str, index: u32) {
 /// The ring position of a routing key: SipHash-2-4, zero keys, over the key's bytes.
 ///
 /// ```
-/// use replica_router::affinity::ring::key_hash;
+/// use replica_router::pick::ring::key_hash;
 /// // Stable everywhere: a fixed value for a fixed key.
 /// assert_eq!(key_hash(b"conv-1"), key_hash(b"conv-1"));
 /// assert_ne!(key_hash(b"conv-1"), key_hash(b"conv-2"));
@@ -133,7 +133,7 @@ pub fn vnode_hash(replica: &str, index: u32) -> u64 {
 /// `1..=MAX_VNODES_PER_REPLICA` (a non-finite or non-positive weight gets 1).
 ///
 /// ```
-/// use replica_router::affinity::ring::vnode_count;
+/// use replica_router::pick::ring::vnode_count;
 /// assert_eq!(vnode_count(1.0, 160), 160);
 /// assert_eq!(vnode_count(1.5, 160), 240);
 /// assert_eq!(vnode_count(0.0001, 160), 1);
@@ -159,7 +159,7 @@ pub fn vnode_count(weight: f64, per_weight: u32) -> u32 {
 /// replicas reuse a per-thread buffer for the visited set).
 ///
 /// ```
-/// use replica_router::affinity::ring::{key_hash, Ring};
+/// use replica_router::pick::ring::{key_hash, Ring};
 /// let ring = Ring::build([("gpu-0", 1.0), ("gpu-1", 1.0), ("gpu-2", 2.0)], 160);
 /// assert_eq!(ring.members(), 3);
 /// assert_eq!(ring.len(), 640);
@@ -337,16 +337,16 @@ impl BalanceFactor {
     /// Validates `c`: NaN, infinite or `<= 1` is an error.
     ///
     /// ```
-    /// use replica_router::affinity::ring::BalanceFactor;
+    /// use replica_router::pick::ring::BalanceFactor;
     /// assert!(BalanceFactor::new(1.25).is_ok());
     /// assert!(BalanceFactor::new(1.0).is_err());
     /// assert!(BalanceFactor::new(f64::NAN).is_err());
     /// ```
-    pub fn new(c: f64) -> Result<BalanceFactor, AffinityConfigError> {
+    pub fn new(c: f64) -> Result<BalanceFactor, InvalidBalanceFactor> {
         if c.is_finite() && c > 1.0 {
             Ok(BalanceFactor(c))
         } else {
-            Err(AffinityConfigError::BalanceFactor(c))
+            Err(InvalidBalanceFactor(c))
         }
     }
 
@@ -582,7 +582,7 @@ pub fn place_least_loaded<V: LoadView + ?Sized>(
 /// counts of placed keys.
 ///
 /// ```
-/// use replica_router::affinity::ring::{key_hash, place, BalanceFactor, Ring};
+/// use replica_router::pick::ring::{key_hash, place, BalanceFactor, Ring};
 /// use replica_router::decision::DecisionReason;
 /// let ring = Ring::build([("a", 1.0), ("b", 1.0)], 160);
 /// let h = key_hash(b"conv-7");
