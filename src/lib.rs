@@ -103,6 +103,7 @@ pub mod http_backend;
 pub mod inflight;
 pub mod load;
 pub mod pick;
+pub mod pins;
 pub mod pool;
 pub mod quota;
 pub mod replica;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::ScriptedBackend;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use replica_router::affinity::pins::{MemoryPinTable, PinError, PinFuture, PinTable};
 use replica_router::affinity::{
     annotate_response, AffinityConfigError, AffinityKey, AffinityLayer, DECISIONS_COUNTER,
     PIN_ERRORS_COUNTER,
@@ -21,6 +20,7 @@ use replica_router::dispatch::Dispatch;
 use replica_router::error::{KeyKind, RouteError};
 use replica_router::inflight::TrackedBody;
 use replica_router::pick::ring::{key_hash, Ring};
+use replica_router::pins::{MemoryPinTable, PinError, PinFuture, PinTable};
 use replica_router::pool::{Health, Pool};
 use replica_router::replica::{ReplicaId, ReplicaSpec, SpecPolicy};
 use replica_router::rng::RngSeed;

@@ -20,10 +20,11 @@ use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
 use replica_router::inflight::TrackedBody;
 use replica_router::pick::ring::{key_hash, Ring};
+use replica_router::pins::RedisPinTable;
 use replica_router::pool::Pool;
 use replica_router::quota::FailurePolicy;
 use replica_router::replica::ReplicaSpec;
-use replica_router::store::{RedisPinTable, RedisStore, RedisStoreConfig};
+use replica_router::store::{RedisStore, RedisStoreConfig};
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 

@@ -12,17 +12,18 @@ use std::time::{Duration, Instant as StdInstant};
 
 use common::{ChunkBody, Script, ScriptedBackend};
 use http_body_util::BodyExt;
-use replica_router::affinity::pins::{PinError, PinTable};
 use replica_router::balance::LeastInFlightLayer;
 use replica_router::context::{RouteContextLayer, RouteKey};
 use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
 use replica_router::inflight::TrackedBody;
+use replica_router::pins::RedisPinTable;
+use replica_router::pins::{PinError, PinTable};
 use replica_router::pool::Pool;
 use replica_router::quota::{FailurePolicy, QuotaConfig, QuotaLayer, TenantLimits};
 use replica_router::replica::{ReplicaId, ReplicaSpec};
 use replica_router::store::{
-    CounterStore, RateQuota, RedisPinTable, RedisStore, RedisStoreConfig, StoreKey, MAX_WINDOW,
+    CounterStore, RateQuota, RedisStore, RedisStoreConfig, StoreKey, MAX_WINDOW,
 };
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};

@@ -6,9 +6,9 @@ use std::task::{ready, Context, Poll};
 use metrics::Counter;
 use pin_project::pin_project;
 
-use crate::affinity::pins::PinFuture;
 use crate::affinity::service::{Keyed, Shared};
 use crate::error::RouteError;
+use crate::pins::PinFuture;
 use crate::replica::ReplicaId;
 use crate::request::RouteRequest;
 

@@ -2,12 +2,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::affinity::error::AffinityConfigError;
-use crate::affinity::pins::{MemoryPinTable, PinTable, DEFAULT_MAX_PINS};
 use crate::affinity::service::{Affinity, Settings, Shared};
 use crate::affinity::spread::TenantSpread;
 use crate::affinity::AffinityKey;
 use crate::context::DEFAULT_MAX_KEY_LEN;
 use crate::pick::ring::{BalanceFactor, DEFAULT_VNODES_PER_WEIGHT, MAX_VNODES_PER_REPLICA};
+use crate::pins::{MemoryPinTable, PinTable, DEFAULT_MAX_PINS};
 use crate::pool::{LoadMeasure, Pool};
 
 /// Default pin TTL: 30 minutes (an idle conversation's KV cache is likely evicted by then).

@@ -129,7 +129,6 @@ mod error;
 mod future;
 mod headers;
 mod layer;
-pub mod pins;
 mod service;
 mod spread;
 

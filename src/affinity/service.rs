@@ -8,7 +8,6 @@ use metrics::Counter;
 use tokio::time::Instant;
 
 use crate::affinity::future::{AffinityFuture, PinWrite, Waiting};
-use crate::affinity::pins::{PinError, PinFuture, PinTable};
 use crate::affinity::spread::TenantSpread;
 use crate::affinity::{AffinityKey, DECISIONS_COUNTER, PIN_ERRORS_COUNTER, RING_REBUILDS_COUNTER};
 use crate::context::{RouteContext, RouteKey};
@@ -20,6 +19,7 @@ use crate::pick::ring::{
     key_hash, place_bounded, place_least_loaded, BalanceFactor, Bound, LoadView, Placement, Ring,
     SnapshotView,
 };
+use crate::pins::{PinError, PinFuture, PinTable};
 use crate::pool::{LoadMeasure, Pool, PoolSnapshot};
 use crate::replica::ReplicaId;
 use crate::request::RouteRequest;

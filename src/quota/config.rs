@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::context::RouteKey;
 use crate::inflight::Completion;
-use crate::store::RateQuota;
+use crate::store::{FailurePolicy, RateQuota};
 
 /// The limits of one tenant. Each dimension is optional; [`TenantLimits::unlimited`] has none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,16 +49,6 @@ impl TenantLimits {
     pub fn is_unlimited(&self) -> bool {
         self.requests.is_none() && self.tokens.is_none() && self.concurrency.is_none()
     }
-}
-
-/// What to do when the counter store fails or times out.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum FailurePolicy {
-    /// Admit the request without counting it (availability over strictness). The default.
-    #[default]
-    Open,
-    /// Reject the request with `RouteError::Unavailable` (503).
-    Closed,
 }
 
 /// What to do with requests whose route context has no tenant.

@@ -101,11 +101,9 @@ mod layer;
 mod service;
 mod shared;
 
-pub use self::config::{
-    FailurePolicy, MissingTenant, QuotaConfig, TenantLimits, TokenMeter, TokenReport,
-};
+pub use self::config::{MissingTenant, QuotaConfig, TenantLimits, TokenMeter, TokenReport};
 pub use self::future::QuotaFuture;
 pub use self::layer::QuotaLayer;
 pub use self::service::Quota;
 #[cfg(feature = "redis")]
-pub(crate) use self::shared::call_store;
+pub use crate::store::FailurePolicy;

@@ -10,11 +10,14 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
-use super::config::{FailurePolicy, MissingTenant, QuotaConfig, TenantLimits, TokenReport};
+use super::config::{MissingTenant, QuotaConfig, TenantLimits, TokenReport};
 use crate::context::RouteKey;
 use crate::error::RouteError;
 use crate::inflight::{Completion, CompletionObserver};
-use crate::store::{CounterStore, LeaseId, RateQuota, StoreError, StoreKey, Take, WindowId};
+use crate::store::{
+    call_store, CounterStore, FailurePolicy, LeaseId, RateQuota, StoreError, StoreKey, Take,
+    WindowId,
+};
 
 pub(crate) const SCOPE_REQUESTS: &str = "quota.req";
 pub(crate) const SCOPE_TOKENS: &str = "quota.tok";
@@ -333,25 +336,6 @@ impl Shared {
             }
         });
     }
-}
-
-pub(crate) async fn call_store<T>(
-    timeout: Duration,
-    op: &'static str,
-    fut: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let started = std::time::Instant::now();
-    let result = match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(StoreError::Timeout { op, after: timeout }),
-    };
-    metrics::histogram!("replica_router_store_call_seconds", "op" => op)
-        .record(started.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        metrics::counter!("replica_router_store_errors_total", "op" => op, "kind" => e.kind())
-            .increment(1);
-    }
-    result
 }
 
 #[derive(Default)]

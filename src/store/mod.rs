@@ -81,10 +81,9 @@
 mod error;
 mod key;
 mod memory;
+mod policy;
 #[cfg(feature = "redis")]
-mod pins;
-#[cfg(feature = "redis")]
-mod redis;
+pub(crate) mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -94,8 +93,7 @@ use std::time::Duration;
 pub use self::error::{BoxError, StoreError};
 pub use self::key::{validate_ident, StoreKey, MAX_RAW_SUBJECT, MAX_SCOPE_LEN};
 pub use self::memory::MemoryStore;
-#[cfg(feature = "redis")]
-pub use self::pins::{RedisPinTable, PIN_SCOPE};
+pub use self::policy::{call_store, FailurePolicy};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreConfig};
 

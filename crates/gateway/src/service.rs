@@ -30,13 +30,13 @@ use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, Policy};
 use super::inspect::{inspect_body, ApiKind};
 use super::GatewayError;
 use super::MetricsRender;
-use replica_router::affinity::pins::PinTable;
 use replica_router::affinity::{
     Affinity, AffinityFuture, AffinityKey, AffinityLayer, AFFINITY_HEADER, REPLICA_HEADER,
 };
 use replica_router::health::{
     Failover, FailoverLayer, OutlierDetection, OutlierDetectionLayer, OutlierDetector,
 };
+use replica_router::pins::PinTable;
 use replica_router::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
 use replica_router::shed::{Shed, ShedLayer};
 use replica_router::store::{MemoryStore, RateQuota};
@@ -148,7 +148,7 @@ pub(crate) async fn store_layers(cfg: &GatewayConfig) -> Result<StoreLayers, Gat
             let store = replica_router::store::RedisStore::connect(url)
                 .await
                 .map_err(|e| bad_flag("--counter-store", e))?;
-            let pins: Arc<dyn PinTable> = Arc::new(replica_router::store::RedisPinTable::new(&store));
+            let pins: Arc<dyn PinTable> = Arc::new(replica_router::pins::RedisPinTable::new(&store));
             Ok(StoreLayers { quota: config.map(|c| QuotaLayer::new(store, c)), pins: Some(pins) })
         }
         #[cfg(not(feature = "redis"))]

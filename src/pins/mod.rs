@@ -9,6 +9,9 @@
 //! Pins expire after a TTL (idle conversations lose their cache anyway) and the in-memory table
 //! is bounded in size.
 
+#[cfg(feature = "redis")]
+mod redis;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +25,10 @@ use tokio::time::Instant;
 use crate::backend::BoxFuture;
 use crate::context::RouteKey;
 use crate::replica::ReplicaId;
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisPinTable, PIN_SCOPE};
 
 /// Errors of a pin table backed by a remote store.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +154,7 @@ struct PinMap {
 /// the table: the handle is taken once, at construction).
 ///
 /// ```
-/// use replica_router::affinity::pins::{MemoryPinTable, PinTable};
+/// use replica_router::pins::{MemoryPinTable, PinTable};
 /// use replica_router::context::RouteKey;
 /// use replica_router::replica::ReplicaId;
 /// use std::time::Duration;

@@ -7,12 +7,12 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use super::redis::map_err;
-use super::{RedisStore, StoreError, StoreKey, MAX_WINDOW};
-use crate::affinity::pins::{PinError, PinFuture, PinTable};
+use super::{PinError, PinFuture, PinTable};
 use crate::context::RouteKey;
-use crate::quota::FailurePolicy;
 use crate::replica::ReplicaId;
+use crate::store::redis::map_err;
+use crate::store::FailurePolicy;
+use crate::store::{RedisStore, StoreError, StoreKey, MAX_WINDOW};
 
 /// Scope of pin keys: `<prefix>:pin:{<encoded session>}`.
 pub const PIN_SCOPE: &str = "pin";
@@ -99,7 +99,7 @@ impl PinTable for RedisPinTable {
                 Err(e) => return self.fail(e, None),
             };
             let mut conn = self.conn.clone();
-            let got = crate::quota::call_store(self.timeout, "pin_get", async move {
+            let got = crate::store::call_store(self.timeout, "pin_get", async move {
                 redis::cmd("GET")
                     .arg(key)
                     .query_async::<Option<Vec<u8>>>(&mut conn)
@@ -130,7 +130,7 @@ impl PinTable for RedisPinTable {
             let ttl_ms = ttl.as_millis().clamp(1, MAX_WINDOW.as_millis()) as u64;
             let mut conn = self.conn.clone();
             let value = replica.as_str().to_owned();
-            let done = crate::quota::call_store(self.timeout, "pin_set", async move {
+            let done = crate::store::call_store(self.timeout, "pin_set", async move {
                 redis::cmd("SET")
                     .arg(key)
                     .arg(value)
@@ -154,7 +154,7 @@ impl PinTable for RedisPinTable {
             let mut conn = self.conn.clone();
             let mut inv = self.unpin.prepare_invoke();
             inv.key(key).arg(replica.as_str());
-            let done = crate::quota::call_store(self.timeout, "pin_unpin", async move {
+            let done = crate::store::call_store(self.timeout, "pin_unpin", async move {
                 inv.invoke_async::<i64>(&mut conn)
                     .await
                     .map(|_| ())
