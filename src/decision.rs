@@ -70,13 +70,10 @@ impl Decision {
         }
     }
 
-    /// A decision for the replica at `index` of the snapshot with `version`.
-    pub(crate) fn at_slot(
-        replica: ReplicaId,
-        reason: DecisionReason,
-        version: u64,
-        index: usize,
-    ) -> Self {
+    /// A decision for the replica at `index` of the snapshot with `version` (what a picking
+    /// layer that read a [`PoolSnapshot`](crate::pool::PoolSnapshot) knows): dispatch then finds
+    /// the replica without a lookup by id while the membership is unchanged.
+    pub fn at_slot(replica: ReplicaId, reason: DecisionReason, version: u64, index: usize) -> Self {
         Decision {
             replica,
             reason,

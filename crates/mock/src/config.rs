@@ -42,6 +42,11 @@ pub struct MockConfig {
     pub tp_efficiency: f64,
     /// KV cache capacity in tokens; `None` derives it from `tp` (see the table above).
     pub kv_capacity_tokens: Option<u64>,
+    /// Extra prefix-cache room per GPU in tokens, beyond the KV cache: a host-memory tier
+    /// (CPU offload, LMCache, SGLang HiCache) that keeps evicted prefix blocks. Hits there cost
+    /// nothing here (their transfer time is not modelled). 0 (the default): the prefix cache is
+    /// the KV cache's size, as with HBM only.
+    pub host_cache_tokens_per_gpu: u64,
     /// Tokens per prefix-cache block.
     pub block_size: u32,
     /// Output length when a request gives no `max_tokens`.
@@ -63,6 +68,7 @@ impl Default for MockConfig {
             decode_step_batch256: Duration::from_millis(60),
             tp_efficiency: 0.85,
             kv_capacity_tokens: None,
+            host_cache_tokens_per_gpu: 0,
             block_size: 16,
             default_output_tokens: 128,
             time_scale: 1.0,
@@ -101,6 +107,12 @@ impl MockConfig {
         let free = f64::from(self.tp()) * GPU_BYTES - WEIGHT_BYTES;
         // A replica too small for the weights still gets a token of room per block, so it can run.
         ((free / KV_BYTES_PER_TOKEN).max(f64::from(self.block_size()) * 64.0)) as u64
+    }
+
+    /// Prefix-cache capacity in tokens: the KV capacity plus `tp` times the host tier.
+    pub fn prefix_cache_capacity(&self) -> u64 {
+        self.kv_capacity()
+            .saturating_add(u64::from(self.tp()).saturating_mul(self.host_cache_tokens_per_gpu))
     }
 
     /// Tokens per prefix-cache block (at least 1).

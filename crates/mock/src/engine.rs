@@ -248,7 +248,9 @@ impl MockEngine {
             stats: Stats::default(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let cache = PrefixCache::new((kv_capacity / u64::from(shared.cfg.block_size())) as usize);
+        let cache = PrefixCache::new(
+            (shared.cfg.prefix_cache_capacity() / u64::from(shared.cfg.block_size())) as usize,
+        );
         tokio::spawn(scheduler(shared.clone(), rx, cache));
         MockEngine { tx, shared }
     }

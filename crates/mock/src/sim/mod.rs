@@ -32,7 +32,18 @@
 //! holding an `http::Extensions`); [`SimBackend`] answers with a stream that stays in flight on
 //! its replica until its last token, as an HTTP body would.
 //!
-//! `examples/simulate.rs` prints the tables; `notes/BENCH-sim.md` has a run of it.
+//! - [`HeavyConfig`] / [`Workload::heavy`]: a heavy-tailed workload from published trace
+//!   statistics (log-normal prompts of mean ~10k tokens up to 120k, ~60% new conversations
+//!   sharing only a system prompt, follow-ups minutes apart, bursty arrivals), sent open loop
+//!   ([`Pacing::FromSend`]); [`HeavyConfig::at_load`] sets its rate as a fraction of a
+//!   scenario's capacity ([`pool_capacity`]); [`Workload::trace`] and [`write_trace`] export it
+//!   as Mooncake-style JSON Lines. [`SimOptions::keyless`] sends it without session and user
+//!   keys.
+//! - [`Policy::CacheAware`]: a reference policy rebuilt from SGLang's cache-aware router
+//!   ([`CacheAwareRouter`]).
+//!
+//! `examples/simulate.rs` prints the tables; `notes/BENCH-sim.md` and
+//! `notes/BENCH-sim-heavy.md` have runs of it.
 //!
 //! ```
 //! use replica_router_mock::sim::{compare, Policy, Scenario, SimOptions, Workload, WorkloadConfig};
@@ -53,18 +64,29 @@
 //! ```
 
 mod backend;
+mod cache_aware;
+mod capacity;
+mod context;
 mod policy;
 mod report;
 mod run;
 mod scenario;
+mod trace;
 mod workload;
 
 pub use self::backend::{SimBackend, SimError, SimRequest, SimResponse, SimStream};
+pub use self::cache_aware::{
+    CacheAware, CacheAwareChoice, CacheAwareConfig, CacheAwareLayer, CacheAwareRouter, WorkerLoad,
+};
+pub use self::capacity::{pool_capacity, replica_capacity, LoadError, WorkMix};
 pub use self::policy::Policy;
 pub use self::report::{Percentiles, PolicyReport, ReasonCounts, ReplicaReport, ScenarioReport};
 pub use self::run::{simulate, SimOptions, SimSetupError};
 pub use self::scenario::{FailurePlan, ReplicaPlan, Scenario};
-pub use self::workload::{SessionPlan, Turn, Workload, WorkloadConfig};
+pub use self::trace::{
+    read_trace, write_trace, Burst, HeavyConfig, TraceError, TraceRecord, LONG_PROMPT_TOKENS,
+};
+pub use self::workload::{Pacing, SessionPlan, Turn, Workload, WorkloadConfig};
 
 /// Runs each of `policies` on `scenario` with the same `workload` and collects the reports.
 pub fn compare(
@@ -87,6 +109,9 @@ pub fn compare(
 
 /// One line describing a workload: sessions, requests, tokens, seeds.
 pub fn describe(workload: &Workload) -> String {
+    if workload.heavy.is_some() {
+        return trace::describe_heavy(workload);
+    }
     let heavy = workload.sessions.iter().filter(|s| s.heavy).count();
     format!(
         "Workload: {} sessions ({} heavy) of {} users over {} s, {} requests, {:.1} M prompt tokens, \

@@ -6,6 +6,7 @@ use tower::util::BoxCloneService;
 use tower::ServiceBuilder;
 
 use crate::sim::backend::{SimBackend, SimRequest, SimStream};
+use crate::sim::cache_aware::{CacheAwareConfig, CacheAwareLayer};
 use replica_router::affinity::{AffinityConfigError, AffinityKey, AffinityLayer};
 use replica_router::balance::{LeastInFlightLayer, LoadMeasure, RoundRobinLayer};
 use replica_router::dispatch::Dispatch;
@@ -33,6 +34,8 @@ pub enum Policy {
         /// What counts as load, for the bound and for the least-loaded fallback.
         measure: LoadMeasure,
     },
+    /// The cache-aware reference policy ([`CacheAwareLayer`]): SGLang's router, rebuilt.
+    CacheAware(CacheAwareConfig),
 }
 
 impl Policy {
@@ -71,6 +74,9 @@ impl Policy {
         balance_factor: Some(1.25),
         measure: LoadMeasure::InFlightTokens,
     };
+
+    /// The cache-aware reference policy with SGLang's router defaults.
+    pub const CACHE_AWARE: Policy = Policy::CacheAware(CacheAwareConfig::SGLANG);
 
     /// The policies of the standard comparison, in table order.
     pub const STANDARD: [Policy; 7] = [
@@ -123,6 +129,11 @@ impl Policy {
                         .service(dispatch),
                 )
             }
+            Policy::CacheAware(config) => BoxCloneService::new(
+                ServiceBuilder::new()
+                    .layer(CacheAwareLayer::new(pool.clone(), config))
+                    .service(dispatch),
+            ),
         })
     }
 }
@@ -151,6 +162,14 @@ impl fmt::Display for Policy {
                     LoadMeasure::InFlightTokens => f.write_str(" (tokens)"),
                 }
             }
+            Policy::CacheAware(c) if *c == CacheAwareConfig::SGLANG => {
+                f.write_str("cache-aware (SGLang)")
+            }
+            Policy::CacheAware(c) => write!(
+                f,
+                "cache-aware (SGLang: {}/{}/{})",
+                c.cache_threshold, c.balance_abs_threshold, c.balance_rel_threshold
+            ),
         }
     }
 }

@@ -9,13 +9,13 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 
 use crate::sim::backend::{SimBackend, SimRequest, SimStream};
+use crate::sim::context::{route_context, TurnInfo};
 use crate::sim::policy::Policy;
 use crate::sim::report::{Percentiles, PolicyReport, ReasonCounts, ReplicaReport};
 use crate::sim::scenario::Scenario;
-use crate::sim::workload::{SessionPlan, Workload};
+use crate::sim::workload::{Pacing, SessionPlan, Workload};
 use crate::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest};
 use replica_router::affinity::AffinityConfigError;
-use replica_router::context::RouteContext;
 use replica_router::decision::DecisionReason;
 use replica_router::error::RouteError;
 use replica_router::pool::Pool;
@@ -34,6 +34,8 @@ pub struct SimOptions {
     pub retry_backoff: Duration,
     /// Attempts per turn before the session is abandoned.
     pub max_attempts: u32,
+    /// Send requests without session and user keys (only their content can find the cache).
+    pub keyless: bool,
 }
 
 impl Default for SimOptions {
@@ -43,6 +45,7 @@ impl Default for SimOptions {
             sample_every: Duration::from_millis(100),
             retry_backoff: Duration::from_millis(500),
             max_attempts: 20,
+            keyless: false,
         }
     }
 }
@@ -142,6 +145,7 @@ struct Env {
     ids: Vec<String>,
     failure: Option<(usize, Duration)>,
     options: SimOptions,
+    pacing: Pacing,
 }
 
 impl Env {
@@ -186,6 +190,7 @@ async fn run(
         ids: scenario.replicas.iter().map(|r| r.id.clone()).collect(),
         failure: scenario.failure.map(|f| (f.replica, f.at)),
         options: options.clone(),
+        pacing: workload.pacing,
     });
 
     // Load sampler: time-averaged requests in flight per replica.
@@ -270,9 +275,14 @@ async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> Sess
     let session = plan.session_key();
     let user = plan.user_key();
     let mut last_replica: Option<usize> = None;
+    let mut planned = env.start + plan.arrival;
     'turns: for turn in &plan.turns {
-        if !turn.think.is_zero() {
-            tokio::time::sleep(turn.think).await;
+        planned += turn.think;
+        match env.pacing {
+            Pacing::AfterAnswer if !turn.think.is_zero() => tokio::time::sleep(turn.think).await,
+            // Open loop: the planned send time, unless the previous answer ended later.
+            Pacing::FromSend => tokio::time::sleep_until(planned).await,
+            Pacing::AfterAnswer => {}
         }
         let t0 = Instant::now();
         let blocks = (turn.prompt_tokens / env.block_size) as usize;
@@ -283,17 +293,24 @@ async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> Sess
                 out.abandoned = true;
                 break 'turns;
             }
+            let block_hashes = &plan.blocks[..blocks.min(plan.blocks.len())];
+            let ctx = route_context(
+                &TurnInfo {
+                    session: &session,
+                    user: &user,
+                    blocks: block_hashes,
+                    block_size: env.block_size,
+                    prompt_tokens: turn.prompt_tokens,
+                    answer_tokens: turn.answer_tokens,
+                },
+                env.options.keyless,
+            );
             let prompt = MockPrompt::Blocks {
-                block_hashes: plan.blocks[..blocks.min(plan.blocks.len())].to_vec(),
+                block_hashes: block_hashes.to_vec(),
                 prompt_tokens: turn.prompt_tokens,
             };
             let mut req = SimRequest::new(MockRequest::new(prompt, turn.answer_tokens).streamed());
-            req.set_route_context(RouteContext {
-                session: Some(session.clone().into()),
-                user: Some(user.clone().into()),
-                estimated_tokens: u64::from(turn.prompt_tokens) + u64::from(turn.answer_tokens),
-                ..RouteContext::default()
-            });
+            req.set_route_context(ctx);
             let sent = match stack.ready().await {
                 Ok(svc) => svc.call(req).await,
                 Err(e) => Err(e),

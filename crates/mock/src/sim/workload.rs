@@ -115,6 +115,19 @@ impl SessionPlan {
     }
 }
 
+/// How a session's turns are paced: what [`Turn::think`] counts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pacing {
+    /// The think time counts from the end of the previous answer (a closed loop: a slower
+    /// policy also slows its clients down). The default chat workload.
+    #[default]
+    AfterAnswer,
+    /// The think time counts from the previous turn's *planned* send time, so every turn has a
+    /// fixed send time, as in a trace (an open loop: the offered load does not depend on the
+    /// policy). A turn is still never sent before the previous answer has ended.
+    FromSend,
+}
+
 /// A generated workload: the same for every policy compared on it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workload {
@@ -126,6 +139,12 @@ pub struct Workload {
     pub config: WorkloadConfig,
     /// The seed it was generated from.
     pub seed: u64,
+    /// What [`Turn::think`] counts from.
+    pub pacing: Pacing,
+    /// The heavy-tailed generator's parameters when it made this workload (then only
+    /// `sessions`, `users` and `arrival_window` of [`config`](Self::config) are meaningful);
+    /// `None` for [`Workload::generate`]'s chat workload.
+    pub heavy: Option<crate::sim::trace::HeavyConfig>,
 }
 
 impl Workload {
@@ -212,6 +231,8 @@ impl Workload {
             block_size,
             config: config.clone(),
             seed,
+            pacing: Pacing::AfterAnswer,
+            heavy: None,
         }
     }
 
@@ -240,16 +261,16 @@ impl Workload {
 }
 
 /// Builds a conversation's block chain hashes token by token.
-struct Conversation {
+pub(super) struct Conversation {
     block_size: u32,
     hash: u64,
     in_block: u32,
-    len: u32,
-    blocks: Vec<u64>,
+    pub(super) len: u32,
+    pub(super) blocks: Vec<u64>,
 }
 
 impl Conversation {
-    fn new(block_size: u32) -> Self {
+    pub(super) fn new(block_size: u32) -> Self {
         Conversation {
             block_size,
             hash: 0x51D_C4A7,
@@ -260,7 +281,7 @@ impl Conversation {
     }
 
     /// Appends `n` tokens whose identity is (`owner`, position in the segment).
-    fn push(&mut self, owner: u64, n: u32) {
+    pub(super) fn push(&mut self, owner: u64, n: u32) {
         for p in 0..n {
             self.hash = splitmix64(self.hash ^ splitmix64(owner.wrapping_add(u64::from(p))));
             self.in_block += 1;
@@ -274,18 +295,18 @@ impl Conversation {
 }
 
 /// A segment owner id: what the tokens belong to (user prefix, context, message, answer).
-fn owner(kind: u64, id: u64, index: u64) -> u64 {
+pub(super) fn owner(kind: u64, id: u64, index: u64) -> u64 {
     splitmix64(splitmix64(kind << 56 ^ id) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-fn splitmix64(mut z: u64) -> u64 {
+pub(super) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-fn clamp_tokens(x: f64, lo: u32, hi: u32) -> u32 {
+pub(super) fn clamp_tokens(x: f64, lo: u32, hi: u32) -> u32 {
     if x.is_finite() {
         (x.round() as u32).clamp(lo, hi.max(lo))
     } else {
@@ -293,7 +314,7 @@ fn clamp_tokens(x: f64, lo: u32, hi: u32) -> u32 {
     }
 }
 
-fn exponential<R: Rng>(rng: &mut R, mean: f64) -> f64 {
+pub(super) fn exponential<R: Rng>(rng: &mut R, mean: f64) -> f64 {
     let u: f64 = rng.random();
     -mean * (1.0 - u).ln()
 }
@@ -305,21 +326,21 @@ fn standard_normal<R: Rng>(rng: &mut R) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-fn lognormal<R: Rng>(rng: &mut R, median: f64, sigma: f64) -> f64 {
+pub(super) fn lognormal<R: Rng>(rng: &mut R, median: f64, sigma: f64) -> f64 {
     median * (sigma * standard_normal(rng)).exp()
 }
 
-fn loguniform<R: Rng>(rng: &mut R, lo: f64, hi: f64) -> f64 {
+pub(super) fn loguniform<R: Rng>(rng: &mut R, lo: f64, hi: f64) -> f64 {
     (lo.ln() + rng.random::<f64>() * (hi.ln() - lo.ln())).exp()
 }
 
 /// Inverse-CDF sampling of a Zipf law over `0..n`.
-struct ZipfTable {
+pub(super) struct ZipfTable {
     cdf: Vec<f64>,
 }
 
 impl ZipfTable {
-    fn new(n: usize, s: f64) -> Self {
+    pub(super) fn new(n: usize, s: f64) -> Self {
         let s = if s.is_finite() { s.max(0.0) } else { 1.0 };
         let mut acc = 0.0;
         let cdf = (1..=n)
@@ -331,7 +352,7 @@ impl ZipfTable {
         ZipfTable { cdf }
     }
 
-    fn sample<R: Rng>(&self, rng: &mut R) -> u32 {
+    pub(super) fn sample<R: Rng>(&self, rng: &mut R) -> u32 {
         let total = self.cdf.last().copied().unwrap_or(1.0);
         let x = rng.random::<f64>() * total;
         self.cdf
