@@ -41,6 +41,13 @@
 //! small and large model tiers, by path, model or priority, without one saturated pool blocking
 //! another).
 //!
+//! Below the layers, the pieces they share and any application can call directly: [`pick`]
+//! (weighted power of two choices and the consistent-hash ring with its bounded walk, apart from
+//! tower), [`pins`] (session pin tables, in memory or Redis), [`load`] (engine load reports, the
+//! queue-wait estimate, the shedding layer's advice) and [`store`] (the counter stores).
+//! `ARCHITECTURE.md` in the repository shows the floors and the request's path; [`prelude`]
+//! imports the names a typical stack needs, also re-exported at the root.
+//!
 //! The [`guide`] walks through the data-parallel inference guide's policies, pitfalls and
 //! production checklist item by item, with the part of this crate that serves each.
 //!
@@ -105,6 +112,7 @@ pub mod load;
 pub mod pick;
 pub mod pins;
 pub mod pool;
+pub mod prelude;
 pub mod quota;
 pub mod replica;
 pub mod request;
@@ -113,3 +121,17 @@ pub mod rollout;
 pub mod select;
 pub mod shed;
 pub mod store;
+
+pub use crate::affinity::{AffinityKey, AffinityLayer};
+pub use crate::backend::{Backend, LoadReport, ServiceBackend};
+pub use crate::balance::{LeastInFlightLayer, RoundRobinLayer};
+pub use crate::context::{HeaderExtractor, RouteContext, RouteContextLayer, RouteKey};
+pub use crate::decision::{Decision, DecisionReason};
+pub use crate::dispatch::Dispatch;
+pub use crate::error::{BoxError, RouteError};
+pub use crate::health::{FailoverLayer, HealthChecker, OutlierDetectionLayer};
+pub use crate::pool::{LoadMeasure, Pool};
+pub use crate::quota::{QuotaConfig, QuotaLayer, TenantLimits};
+pub use crate::replica::{ReplicaId, ReplicaSpec};
+pub use crate::shed::ShedLayer;
+pub use crate::store::{CounterStore, MemoryStore, RateQuota};
