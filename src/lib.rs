@@ -103,6 +103,7 @@ pub mod http_backend;
 pub mod inflight;
 pub mod load;
 pub mod pool;
+pub mod prefix;
 pub mod quota;
 pub mod replica;
 pub mod request;

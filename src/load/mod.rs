@@ -24,7 +24,12 @@
 //! assert_eq!(report.kv_usage, Some(0.25));
 //! ```
 
+pub mod predict;
 pub mod prometheus;
+pub mod work;
+
+pub use self::predict::{Placement, TtftModel, TtftPlacement};
+pub use self::work::{WorkPlan, WorkState};
 
 pub use crate::backend::LoadReport;
 

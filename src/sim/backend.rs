@@ -204,7 +204,12 @@ impl SimStream {
                 self.end(Outcome::Success);
                 Ok(Some(MockEvent::Done(usage)))
             }
-            Some(token) => Ok(Some(token)),
+            Some(token) => {
+                if let Some(g) = self.guard.as_mut() {
+                    g.on_first_data();
+                }
+                Ok(Some(token))
+            }
             None => {
                 self.end(Outcome::Failure);
                 Err(SimError::Engine(MockError::Stopped))
