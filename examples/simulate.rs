@@ -5,8 +5,14 @@
 //! cargo run --release --example simulate --features sim -- \
 //!     [--seed N] [--sessions N] [--replicas N] [--duration-secs S] \
 //!     [--scenario homogeneous|heterogeneous|failure|all] [--jobs N] \
-//!     [--heavy-fraction F] [--think-secs S] [--users N] [--block-size TOKENS] [--per-replica]
+//!     [--heavy-fraction F] [--think-secs S] [--users N] [--block-size TOKENS] [--per-replica] \
+//!     [--policy standard|all|NAME[,NAME...]]
 //! ```
+//!
+//! Policy names: `round-robin`, `least-loaded`, `sticky`, `bounded`, `bounded-tokens`,
+//! `sticky-user`, `bounded-user`, `ttft` (predicted-TTFT placement by session), `ttft-keyless`
+//! (predicted TTFT from prompt fingerprints alone); `standard` is the first seven, `all` adds
+//! the TTFT ones.
 //!
 //! Defaults: seed 1, 4 replicas, a 1200 s arrival window with 0.2 sessions per second per
 //! replica (960 sessions), all three scenarios (homogeneous; heterogeneous; the second replica
@@ -37,13 +43,40 @@ struct Args {
     users: Option<usize>,
     block_size: Option<u32>,
     per_replica: bool,
+    policies: Vec<Policy>,
+}
+
+fn policy_by_name(name: &str) -> Vec<Policy> {
+    match name {
+        "standard" => Policy::STANDARD.to_vec(),
+        "all" => {
+            let mut v = Policy::STANDARD.to_vec();
+            v.extend([Policy::TTFT, Policy::TTFT_KEYLESS]);
+            v
+        }
+        "round-robin" => vec![Policy::RoundRobin],
+        "least-loaded" => vec![Policy::LeastLoaded],
+        "sticky" => vec![Policy::STICKY],
+        "bounded" => vec![Policy::BOUNDED],
+        "bounded-tokens" => vec![Policy::BOUNDED_TOKENS],
+        "sticky-user" => vec![Policy::STICKY_USER],
+        "bounded-user" => vec![Policy::BOUNDED_USER],
+        "ttft" => vec![Policy::TTFT],
+        "ttft-keyless" => vec![Policy::TTFT_KEYLESS],
+        "ttft-tokens" => vec![Policy::Ttft {
+            keyed: true,
+            measure: replica_router::balance::LoadMeasure::InFlightTokens,
+        }],
+        _ => usage(),
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: simulate [--seed N] [--sessions N] [--replicas N] [--duration-secs S] \
          [--scenario homogeneous|heterogeneous|failure|all] [--jobs N] \
-         [--heavy-fraction F] [--think-secs S] [--users N] [--block-size TOKENS] [--per-replica]"
+         [--heavy-fraction F] [--think-secs S] [--users N] [--block-size TOKENS] [--per-replica] \
+         [--policy standard|all|NAME[,NAME...]]"
     );
     std::process::exit(2)
 }
@@ -61,6 +94,7 @@ fn parse_args() -> Args {
         users: None,
         block_size: None,
         per_replica: false,
+        policies: Policy::STANDARD.to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -80,6 +114,9 @@ fn parse_args() -> Args {
             "--users" => args.users = Some(num(value())),
             "--block-size" => args.block_size = Some(num(value())),
             "--per-replica" => args.per_replica = true,
+            "--policy" => {
+                args.policies = value().split(',').flat_map(policy_by_name).collect();
+            }
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -97,8 +134,8 @@ fn run_scenario(
     workload: &Workload,
     options: &SimOptions,
     jobs: usize,
+    policies: &[Policy],
 ) -> ScenarioReport {
-    let policies = Policy::STANDARD;
     let mut reports: Vec<Option<PolicyReport>> = vec![None; policies.len()];
     for (chunk_policies, chunk_out) in policies.chunks(jobs).zip(reports.chunks_mut(jobs)) {
         std::thread::scope(|s| {
@@ -171,7 +208,7 @@ fn main() {
     let workload = Workload::generate(&config, args.seed, block_size);
     let wall = Instant::now();
     for scenario in &scenarios {
-        let report = run_scenario(scenario, &workload, &options, args.jobs);
+        let report = run_scenario(scenario, &workload, &options, args.jobs, &args.policies);
         println!("{}", report.to_markdown());
         if args.per_replica {
             println!("Per replica:\n\n{}", report.replicas_markdown());
@@ -187,7 +224,7 @@ fn main() {
     eprintln!(
         "simulated {} scenario(s) x {} policies in {:.1} s of wall time",
         scenarios.len(),
-        Policy::STANDARD.len(),
+        args.policies.len(),
         wall.elapsed().as_secs_f64()
     );
 }

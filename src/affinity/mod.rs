@@ -133,6 +133,7 @@ pub mod pins;
 pub mod ring;
 mod service;
 mod spread;
+mod ttft;
 
 pub use self::error::AffinityConfigError;
 pub use self::future::AffinityFuture;

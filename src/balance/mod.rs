@@ -55,7 +55,7 @@ mod service;
 use rand::Rng;
 
 pub use self::layer::{LeastInFlightLayer, RoundRobinLayer};
-pub use self::service::{LeastInFlight, RoundRobin};
+pub use self::service::{pick_ttft, LeastInFlight, RoundRobin};
 use crate::error::{NoReplicaReason, RouteError};
 pub use crate::pool::LoadMeasure;
 use crate::pool::PoolSnapshot;

@@ -160,8 +160,9 @@ pub struct TtftPlacement {
     pub spill_ratio: f64,
     /// ... and at least this much sooner (default 250 ms).
     pub spill_margin: Duration,
-    /// Fraction of the prompt a session's home is assumed to hold when the request carries no
-    /// fingerprints (default 0.75).
+    /// Fraction of the prompt a session's home is assumed to hold at least, whatever the index
+    /// says (default 0.75): the index forgets before the engine does, and a session should not
+    /// leave home because the router's guess of its cache went stale.
     pub home_cached_guess: f64,
 }
 
@@ -183,8 +184,18 @@ impl TtftPlacement {
     /// Reads what placement needs from a request's route context: its prompt and output
     /// lengths, fingerprints, and their match in the index.
     pub fn request<'a>(&self, ctx: Option<&'a RouteContext>) -> TtftRequest<'a> {
-        let prefix = ctx.and_then(|c| c.prefix.as_ref());
-        let estimated = ctx.map_or(0, |c| c.estimated_tokens);
+        self.request_parts(
+            ctx.and_then(|c| c.prefix.as_ref()),
+            ctx.map_or(0, |c| c.estimated_tokens),
+        )
+    }
+
+    /// [`request`](Self::request) from the context's fingerprints and estimated tokens.
+    pub fn request_parts<'a>(
+        &self,
+        prefix: Option<&'a PrefixHashes>,
+        estimated: u64,
+    ) -> TtftRequest<'a> {
         let prompt = prefix.map_or(estimated, |p| p.tokens());
         let matched = match (&self.index, prefix) {
             (Some(index), Some(p)) => index.lookup(p),
@@ -212,10 +223,15 @@ impl TtftPlacement {
     }
 
     /// Uncached prompt tokens of `req` on `replica`; `home` says it is the session's home,
-    /// which without fingerprints is assumed to hold `home_cached_guess` of the prompt.
-    pub fn uncached_tokens<B>(&self, req: &TtftRequest<'_>, replica: &Replica<B>, home: bool) -> u64 {
+    /// which is assumed to hold at least `home_cached_guess` of the prompt.
+    pub fn uncached_tokens<B>(
+        &self,
+        req: &TtftRequest<'_>,
+        replica: &Replica<B>,
+        home: bool,
+    ) -> u64 {
         let mut cached = self.cached_tokens(req, replica);
-        if home && req.prefix.is_none() {
+        if home {
             let g = self.home_cached_guess.clamp(0.0, 1.0);
             cached = cached.max((req.prompt_tokens as f64 * g) as u64);
         }
@@ -223,7 +239,12 @@ impl TtftPlacement {
     }
 
     /// Predicted seconds to first token of `req` on `replica`, and its uncached tokens there.
-    pub fn predict<B>(&self, req: &TtftRequest<'_>, replica: &Replica<B>, home: bool) -> (f64, u64) {
+    pub fn predict<B>(
+        &self,
+        req: &TtftRequest<'_>,
+        replica: &Replica<B>,
+        home: bool,
+    ) -> (f64, u64) {
         let uncached = self.uncached_tokens(req, replica, home);
         (self.model.predict(replica, uncached), uncached)
     }
@@ -249,7 +270,12 @@ impl TtftPlacement {
 
     /// Records the placement of `req` on `replica` in the prefix index, and returns the work
     /// plan to put in the request's extensions.
-    pub fn record<B>(&self, req: &TtftRequest<'_>, replica: &Replica<B>, uncached: u64) -> WorkPlan {
+    pub fn record<B>(
+        &self,
+        req: &TtftRequest<'_>,
+        replica: &Replica<B>,
+        uncached: u64,
+    ) -> WorkPlan {
         if let (Some(index), Some(prefix)) = (&self.index, req.prefix) {
             index.record(replica.id(), replica.weight().get(), prefix);
         }

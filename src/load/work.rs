@@ -168,12 +168,10 @@ impl WorkState {
             return r;
         }
         let seed = clamp_rate(seed);
-        match self.rate.compare_exchange(
-            0,
-            seed.to_bits(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        ) {
+        match self
+            .rate
+            .compare_exchange(0, seed.to_bits(), Ordering::Relaxed, Ordering::Relaxed)
+        {
             Ok(_) => seed,
             Err(now) => f64::from_bits(now),
         }
@@ -223,8 +221,8 @@ impl WorkState {
         if predicted_cached == 0 {
             return;
         }
-        let ratio = (reported_cached as f64 / predicted_cached as f64)
-            .clamp(CACHE_RANGE.0, CACHE_RANGE.1);
+        let ratio =
+            (reported_cached as f64 / predicted_cached as f64).clamp(CACHE_RANGE.0, CACHE_RANGE.1);
         if self.cache_samples.fetch_add(1, Ordering::Relaxed) == 0 {
             self.cache.store(ratio.to_bits(), Ordering::Relaxed);
         } else {

@@ -217,7 +217,9 @@ impl PrefixIndex {
         next.by_id.insert(id.clone(), free as u8);
         self.slots.store(Arc::new(next));
         if inner.replicas.len() <= free {
-            inner.replicas.resize_with(free + 1, ReplicaEntries::default);
+            inner
+                .replicas
+                .resize_with(free + 1, ReplicaEntries::default);
         }
         Some(free)
     }

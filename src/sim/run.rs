@@ -14,6 +14,7 @@ use crate::decision::DecisionReason;
 use crate::error::{PoolError, RouteError};
 use crate::mock::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest};
 use crate::pool::Pool;
+use crate::prefix::PrefixHashes;
 use crate::replica::{ReplicaSpec, SpecPolicy};
 use crate::request::RouteRequest;
 use crate::sim::backend::{SimBackend, SimRequest, SimStream};
@@ -141,6 +142,8 @@ struct Env {
     ids: Vec<String>,
     failure: Option<(usize, Duration)>,
     options: SimOptions,
+    /// Whether requests carry their session and user keys (false for keyless policies).
+    keyed: bool,
 }
 
 impl Env {
@@ -185,6 +188,7 @@ async fn run(
         ids: scenario.replicas.iter().map(|r| r.id.clone()).collect(),
         failure: scenario.failure.map(|f| (f.replica, f.at)),
         options: options.clone(),
+        keyed: policy.is_keyed(),
     });
 
     // Load sampler: time-averaged requests in flight per replica.
@@ -238,7 +242,15 @@ async fn run(
     let leftover_in_flight = snapshot
         .replicas()
         .iter()
-        .map(|r| r.state().in_flight() + r.state().in_flight_tokens())
+        .map(|r| {
+            let (s, w) = (r.state(), r.state().work());
+            s.in_flight()
+                + s.in_flight_tokens()
+                + w.prefill_tokens()
+                + w.prefill_requests()
+                + w.decode_tokens()
+                + w.decode_requests()
+        })
         .sum();
     Ok(summarize(
         scenario,
@@ -282,15 +294,23 @@ async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> Sess
                 out.abandoned = true;
                 break 'turns;
             }
+            let chain = &plan.blocks[..blocks.min(plan.blocks.len())];
             let prompt = MockPrompt::Blocks {
-                block_hashes: plan.blocks[..blocks.min(plan.blocks.len())].to_vec(),
+                block_hashes: chain.to_vec(),
                 prompt_tokens: turn.prompt_tokens,
             };
             let mut req = SimRequest::new(MockRequest::new(prompt, turn.answer_tokens).streamed());
+            let keyed = env.keyed;
             req.set_route_context(RouteContext {
-                session: Some(session.clone().into()),
-                user: Some(user.clone().into()),
+                session: keyed.then(|| session.clone().into()),
+                user: keyed.then(|| user.clone().into()),
                 estimated_tokens: u64::from(turn.prompt_tokens) + u64::from(turn.answer_tokens),
+                // The prompt's fingerprints, as a gateway hashing the messages would give them.
+                prefix: Some(PrefixHashes::from_block_chain(
+                    chain,
+                    env.block_size,
+                    u64::from(turn.prompt_tokens),
+                )),
                 ..RouteContext::default()
             });
             let sent = match stack.ready().await {
