@@ -184,6 +184,16 @@ impl InFlightGuard {
     pub fn plan(&self) -> &WorkPlan {
         &self.plan
     }
+
+    /// Reports the prompt tokens the replica said it had cached for this request (OpenAI
+    /// `usage.prompt_tokens_details.cached_tokens`), calibrating the replica's cache model
+    /// against the plan's prediction (see
+    /// [`WorkState::observe_cached`](crate::load::work::WorkState::observe_cached)).
+    pub fn observe_cached(&self, reported_cached: u64) {
+        self.state
+            .work()
+            .observe_cached(self.plan.cached_tokens, reported_cached);
+    }
 }
 
 impl Drop for InFlightGuard {

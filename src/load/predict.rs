@@ -282,6 +282,7 @@ impl TtftPlacement {
         WorkPlan {
             prefill_tokens: uncached,
             output_tokens: req.output_tokens,
+            cached_tokens: req.prompt_tokens.saturating_sub(uncached),
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct WorkPlan {
     pub prefill_tokens: u64,
     /// Expected output tokens.
     pub output_tokens: u64,
+    /// Prompt tokens the picking layer predicted the replica holds (for
+    /// [`WorkState::observe_cached`] once the engine reports what it actually had).
+    pub cached_tokens: u64,
 }
 
 impl WorkPlan {
@@ -68,10 +71,12 @@ impl WorkPlan {
             Some(p) => WorkPlan {
                 prefill_tokens: p,
                 output_tokens: estimated_tokens.saturating_sub(p),
+                cached_tokens: 0,
             },
             None => WorkPlan {
                 prefill_tokens: estimated_tokens,
                 output_tokens: 0,
+                cached_tokens: 0,
             },
         }
     }

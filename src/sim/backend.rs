@@ -201,6 +201,11 @@ impl SimStream {
         }
         match next {
             Some(MockEvent::Done(usage)) => {
+                // What the engine had cached calibrates the router's guess (a gateway reads it
+                // from `usage.prompt_tokens_details.cached_tokens`).
+                if let Some(g) = self.guard.as_ref() {
+                    g.observe_cached(u64::from(usage.cached_tokens));
+                }
                 self.end(Outcome::Success);
                 Ok(Some(MockEvent::Done(usage)))
             }
