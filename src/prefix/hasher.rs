@@ -174,12 +174,12 @@ fn fmix(mut h: u64) -> u64 {
 /// a.feed(b"system");
 /// a.feed(system.as_bytes());
 /// a.feed(b"user");
-/// a.feed(b"What is the capital of France?");
+/// a.feed("What is the capital of France? ".repeat(10).as_bytes());
 /// let mut b = PrefixHasher::new();
 /// b.feed(b"system");
 /// b.feed(system.as_bytes());
 /// b.feed(b"user");
-/// b.feed(b"Write a poem about the sea, please.");
+/// b.feed("Write a poem about the sea, please. ".repeat(10).as_bytes());
 /// let (a, b) = (a.finish(), b.finish());
 /// // The shared system prompt gives shared leading fingerprints; the questions differ.
 /// assert_eq!(a.hashes()[..8], b.hashes()[..8]);
