@@ -8,20 +8,26 @@
 //!     [--scenario homogeneous|heterogeneous|failure|all] [--jobs N] \
 //!     [--heavy-fraction F] [--think-secs S] [--users N] [--block-size TOKENS] [--per-replica] \
 //!     [--workload default|heavy] [--load 0.5,0.8,0.95] [--keyless] \
-//!     [--write-trace FILE] [--trace-block-tokens N] [--host-cache-tokens-per-gpu N]
+//!     [--write-trace FILE] [--trace-block-tokens N] [--host-cache-tokens-per-gpu N] \
+//!     [--policy standard|all|NAME[,NAME...]]
 //! ```
 //!
 //! `--workload heavy` runs the heavy-tailed workload (`HeavyConfig`) on the homogeneous and
 //! heterogeneous scenarios (`all`; `failure` is not offered) at each `--load` (fractions of the
 //! scenario's capacity, default `0.5,0.8,0.95`; conversations arrive over `--duration-secs`),
-//! comparing round-robin, least-loaded, sticky, bounded, bounded (tokens) and cache-aware
-//! (SGLang); it prints one table per (scenario, load). `--keyless` sends every request without
+//! comparing round-robin, least-loaded, sticky, bounded, bounded (tokens), cache-aware
+//! (SGLang) and predicted-TTFT placement (keyed and keyless); it prints one table per (scenario, load). `--keyless` sends every request without
 //! session and user keys. `--write-trace FILE` writes the workload of the first scenario at the
 //! first load as JSON Lines (Mooncake fields plus session, turn, block_tokens; 512-token blocks
 //! unless `--trace-block-tokens`) and exits without simulating. `--host-cache-tokens-per-gpu`
 //! gives each engine's prefix cache a host-memory tier (default 0; 750k on the heavy workload,
 //! whose conversations come back minutes later: ~22 conversations of 10k tokens fill the KV of
 //! a TP=2 replica).
+//!
+//! Policy names: `round-robin`, `least-loaded`, `sticky`, `bounded`, `bounded-tokens`,
+//! `sticky-user`, `bounded-user`, `ttft` (predicted-TTFT placement by session), `ttft-keyless`
+//! (predicted TTFT from prompt fingerprints alone); `standard` is the first seven, `all` adds
+//! the TTFT ones.
 //!
 //! Defaults: seed 1, 4 replicas, a 1200 s arrival window with 0.2 sessions per second per
 //! replica (960 sessions), all three scenarios (homogeneous; heterogeneous; the second replica
@@ -58,6 +64,33 @@ struct Args {
     write_trace: Option<String>,
     trace_block_tokens: u32,
     host_cache: Option<u64>,
+    policies: Vec<Policy>,
+}
+
+fn policy_by_name(name: &str) -> Vec<Policy> {
+    match name {
+        "standard" => Policy::STANDARD.to_vec(),
+        "all" => {
+            let mut v = Policy::STANDARD.to_vec();
+            v.extend([Policy::TTFT, Policy::TTFT_KEYLESS, Policy::CACHE_AWARE]);
+            v
+        }
+        "round-robin" => vec![Policy::RoundRobin],
+        "least-loaded" => vec![Policy::LeastLoaded],
+        "sticky" => vec![Policy::STICKY],
+        "bounded" => vec![Policy::BOUNDED],
+        "bounded-tokens" => vec![Policy::BOUNDED_TOKENS],
+        "sticky-user" => vec![Policy::STICKY_USER],
+        "bounded-user" => vec![Policy::BOUNDED_USER],
+        "ttft" => vec![Policy::TTFT],
+        "ttft-keyless" => vec![Policy::TTFT_KEYLESS],
+        "cache-aware" => vec![Policy::CACHE_AWARE],
+        "ttft-tokens" => vec![Policy::Ttft {
+            keyed: true,
+            measure: replica_router::balance::LoadMeasure::InFlightTokens,
+        }],
+        _ => usage(),
+    }
 }
 
 /// Host-memory prefix-cache tier per GPU on the heavy workload unless
@@ -67,13 +100,15 @@ struct Args {
 const HEAVY_HOST_CACHE_TOKENS_PER_GPU: u64 = 750_000;
 
 /// The policies compared on the heavy workload, in table order.
-const HEAVY_POLICIES: [Policy; 6] = [
+const HEAVY_POLICIES: [Policy; 8] = [
     Policy::RoundRobin,
     Policy::LeastLoaded,
     Policy::STICKY,
     Policy::BOUNDED,
     Policy::BOUNDED_TOKENS,
     Policy::CACHE_AWARE,
+    Policy::TTFT,
+    Policy::TTFT_KEYLESS,
 ];
 
 fn usage() -> ! {
@@ -82,7 +117,8 @@ fn usage() -> ! {
          [--scenario homogeneous|heterogeneous|failure|all] [--jobs N] \
          [--heavy-fraction F] [--think-secs S] [--users N] [--block-size TOKENS] [--per-replica] \
          [--workload default|heavy] [--load 0.5,0.8,0.95] [--keyless] [--write-trace FILE] \
-         [--trace-block-tokens N] [--host-cache-tokens-per-gpu N]"
+         [--trace-block-tokens N] [--host-cache-tokens-per-gpu N] \
+[--policy standard|all|NAME[,NAME...]]"
     );
     std::process::exit(2)
 }
@@ -106,6 +142,7 @@ fn parse_args() -> Args {
         write_trace: None,
         trace_block_tokens: 512,
         host_cache: None,
+        policies: Policy::STANDARD.to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -136,6 +173,9 @@ fn parse_args() -> Args {
             "--write-trace" => args.write_trace = Some(value()),
             "--trace-block-tokens" => args.trace_block_tokens = num(value()),
             "--host-cache-tokens-per-gpu" => args.host_cache = Some(num(value())),
+            "--policy" => {
+                args.policies = value().split(',').flat_map(policy_by_name).collect();
+            }
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -243,7 +283,7 @@ fn main() {
     let workload = Workload::generate(&config, args.seed, block_size);
     let wall = Instant::now();
     for scenario in &scenarios {
-        let report = run_scenario(scenario, &workload, &options, args.jobs, &Policy::STANDARD);
+        let report = run_scenario(scenario, &workload, &options, args.jobs, &args.policies);
         println!("{}", report.to_markdown());
         if args.per_replica {
             println!("Per replica:\n\n{}", report.replicas_markdown());
@@ -259,7 +299,7 @@ fn main() {
     eprintln!(
         "simulated {} scenario(s) x {} policies in {:.1} s of wall time",
         scenarios.len(),
-        Policy::STANDARD.len(),
+        args.policies.len(),
         wall.elapsed().as_secs_f64()
     );
 }

@@ -131,6 +131,9 @@ pub struct RouteContext {
     pub estimated_tokens: u64,
     /// Priority for shedding and admission.
     pub priority: Priority,
+    /// Fingerprints of the prompt's leading blocks, for cache affinity without a session key
+    /// (see [`prefix`](crate::prefix)); `None` when the caller did not hash the prompt.
+    pub prefix: Option<crate::prefix::PrefixHashes>,
 }
 
 impl RouteContext {
@@ -298,6 +301,7 @@ impl HeaderExtractor {
             tenant,
             estimated_tokens,
             priority,
+            prefix: None,
         })
     }
 }

@@ -20,6 +20,7 @@ use pin_project::{pin_project, pinned_drop};
 use tokio::time::Instant;
 
 use crate::context::RouteContext;
+use crate::load::work::WorkPlan;
 use crate::pool::ReplicaState;
 use crate::replica::ReplicaId;
 
@@ -95,6 +96,12 @@ pub struct InFlightGuard {
     outcome: Option<Outcome>,
     body_bytes: u64,
     body_frames: u64,
+    /// The request's prefill and decode work, counted on the replica's work model.
+    plan: WorkPlan,
+    /// Prefill tokens that were ahead of this request when it was sent.
+    ahead: u64,
+    /// Whether the first data frame arrived (the work moved from prefill to decode).
+    decoding: bool,
     /// Told when the request finishes (set by dispatch once the guard is counted).
     pub(crate) observers: Option<CompletionObservers>,
 }
@@ -102,11 +109,25 @@ pub struct InFlightGuard {
 impl InFlightGuard {
     /// Counts a request on `state`. Returns `None` (counting nothing) if the replica has started
     /// draining.
-    pub(crate) fn begin(state: Arc<ReplicaState>, ctx: Option<&RouteContext>) -> Option<Self> {
+    ///
+    /// `plan` says how much of the request is prefill on this replica; `None` counts the whole
+    /// prompt (see [`WorkPlan::unplanned`]).
+    pub(crate) fn begin(
+        state: Arc<ReplicaState>,
+        ctx: Option<&RouteContext>,
+        plan: Option<WorkPlan>,
+    ) -> Option<Self> {
         let tokens = ctx.map_or(0, |c| c.estimated_tokens);
         if !state.try_begin(tokens) {
             return None;
         }
+        let plan = plan.unwrap_or_else(|| {
+            WorkPlan::unplanned(
+                ctx.and_then(|c| c.prefix.as_ref()).map(|p| p.tokens()),
+                tokens,
+            )
+        });
+        let ahead = state.work().begin(&plan);
         Some(InFlightGuard {
             state,
             tokens,
@@ -116,6 +137,9 @@ impl InFlightGuard {
             outcome: None,
             body_bytes: 0,
             body_frames: 0,
+            plan,
+            ahead,
+            decoding: false,
             observers: None,
         })
     }
@@ -146,6 +170,38 @@ impl InFlightGuard {
     fn on_data(&mut self, len: usize) {
         self.body_bytes += len as u64;
         self.body_frames += 1;
+        self.on_first_data();
+    }
+
+    /// Records the first data frame of the response (the first token of a stream): the
+    /// request's prefill is done. Fits the replica's prefill rate from the time it took and moves
+    /// the request's work from prefill to decode. Later calls do nothing.
+    pub fn on_first_data(&mut self) {
+        if self.decoding || self.outcome.is_some() {
+            return;
+        }
+        self.decoding = true;
+        let work = self.state.work();
+        work.first_data(&self.plan);
+        work.observe_prefill(
+            self.ahead.saturating_add(self.plan.prefill_tokens),
+            self.started.elapsed(),
+        );
+    }
+
+    /// The work plan counted for this request.
+    pub fn plan(&self) -> &WorkPlan {
+        &self.plan
+    }
+
+    /// Reports the prompt tokens the replica said it had cached for this request (OpenAI
+    /// `usage.prompt_tokens_details.cached_tokens`), calibrating the replica's cache model
+    /// against the plan's prediction (see
+    /// [`WorkState::observe_cached`](crate::load::work::WorkState::observe_cached)).
+    pub fn observe_cached(&self, reported_cached: u64) {
+        self.state
+            .work()
+            .observe_cached(self.plan.cached_tokens, reported_cached);
     }
 }
 
@@ -163,6 +219,11 @@ impl Drop for InFlightGuard {
         // Release the counters first, so observers (admission queues waiting for capacity) see
         // the replica without this request.
         self.state.end(self.tokens);
+        if self.decoding {
+            self.state.work().end_decode(&self.plan);
+        } else {
+            self.state.work().end_prefill(&self.plan);
+        }
         if let Some(observers) = self.observers.take() {
             let completion = Completion {
                 replica: self.state.id(),

@@ -112,6 +112,7 @@ pub mod load;
 pub mod pick;
 pub mod pins;
 pub mod pool;
+pub mod prefix;
 pub mod prelude;
 pub mod quota;
 pub mod replica;

@@ -14,7 +14,9 @@ use replica_router::balance::LeastInFlightLayer;
 use replica_router::context::{RouteContext, RouteContextLayer};
 use replica_router::dispatch::Dispatch;
 use replica_router::inflight::{Completion, CompletionObserver, Outcome};
+use replica_router::load::Placement;
 use replica_router::pool::Pool;
+use replica_router::prefix::{PrefixHashes, PrefixIndex};
 use replica_router::replica::ReplicaSpec;
 use replica_router::request::RouteRequest;
 use replica_router::rng::RngSeed;
@@ -67,7 +69,7 @@ impl CompletionObserver for Count {
     }
 }
 
-async fn run(actions: Vec<Action>, seed: u64) -> Result<(), TestCaseError> {
+async fn run(actions: Vec<Action>, seed: u64, ttft: bool) -> Result<(), TestCaseError> {
     let pool = Pool::builder()
         .replica("a", ReplicaSpec::new("m"), ScriptedBackend::default())
         .replica(
@@ -78,9 +80,13 @@ async fn run(actions: Vec<Action>, seed: u64) -> Result<(), TestCaseError> {
         .replica("c", ReplicaSpec::new("m"), ScriptedBackend::default())
         .build()
         .unwrap();
+    let mut least = LeastInFlightLayer::new(pool.clone()).seed(RngSeed::fixed(seed));
+    if ttft {
+        least = least.placement(Placement::predicted_ttft(Arc::new(PrefixIndex::default())));
+    }
     let svc = ServiceBuilder::new()
         .layer(RouteContextLayer::default())
-        .layer(LeastInFlightLayer::new(pool.clone()).seed(RngSeed::fixed(seed)))
+        .layer(least)
         .service(Dispatch::new(pool.clone()));
     let count = Arc::new(Count::default());
     let mut tasks = Vec::new();
@@ -103,8 +109,17 @@ async fn run(actions: Vec<Action>, seed: u64) -> Result<(), TestCaseError> {
                 Action::Panic => Script::Panic,
             };
             let mut req = request(script);
+            // Prompts share a prefix of `i % 3` blocks' worth of chain.
+            let chain: Vec<u64> = (0..(i % 7) as u64 * 40)
+                .map(|b| b + (i % 3) as u64 * 1000)
+                .collect();
             req.set_route_context(RouteContext {
-                estimated_tokens: 100 + i as u64,
+                estimated_tokens: 100 + i as u64 + chain.len() as u64 * 16,
+                prefix: Some(PrefixHashes::from_block_chain(
+                    &chain,
+                    16,
+                    chain.len() as u64 * 16,
+                )),
                 ..Default::default()
             });
             req.add_completion_observer(count.clone());
@@ -134,6 +149,20 @@ async fn run(actions: Vec<Action>, seed: u64) -> Result<(), TestCaseError> {
     for r in snap.replicas() {
         prop_assert_eq!(r.state().in_flight(), 0, "replica {}", r.id());
         prop_assert_eq!(r.state().in_flight_tokens(), 0, "replica {}", r.id());
+        let w = r.state().work();
+        prop_assert_eq!(
+            (
+                w.prefill_tokens(),
+                w.prefill_requests(),
+                w.decode_tokens(),
+                w.decode_requests()
+            ),
+            (0, 0, 0, 0),
+            "work of replica {}",
+            r.id()
+        );
+        let rate = w.rate().unwrap_or(1.0);
+        prop_assert!(rate.is_finite() && rate > 0.0, "rate {}", rate);
     }
     prop_assert_eq!(count.calls.load(Ordering::SeqCst), actions.len());
     let expect = |f: fn(&Action) -> bool| actions.iter().filter(|a| f(a)).count();
@@ -159,13 +188,17 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn counters_return_to_zero(actions in prop::collection::vec(action(), 1..40), seed in any::<u64>()) {
+    fn counters_return_to_zero(
+        actions in prop::collection::vec(action(), 1..40),
+        seed in any::<u64>(),
+        ttft in any::<bool>(),
+    ) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_time()
             .build()
             .unwrap();
-        rt.block_on(run(actions, seed))?;
+        rt.block_on(run(actions, seed, ttft))?;
     }
 }
 

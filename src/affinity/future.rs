@@ -130,11 +130,11 @@ where
                     };
                     match w.shared.decide(&w.keyed, pinned) {
                         Ok(routed) => {
-                            w.req.set_decision(routed.decision);
+                            let write = routed.apply(&mut w.req);
                             let future = w.service.call(w.req);
                             state.set(State::Inner {
                                 future,
-                                write: routed.write,
+                                write,
                                 output: None,
                             });
                         }

@@ -6,6 +6,7 @@ use crate::affinity::service::{Affinity, Settings, Shared};
 use crate::affinity::spread::TenantSpread;
 use crate::affinity::AffinityKey;
 use crate::context::DEFAULT_MAX_KEY_LEN;
+use crate::load::Placement;
 use crate::pick::ring::{BalanceFactor, DEFAULT_VNODES_PER_WEIGHT, MAX_VNODES_PER_REPLICA};
 use crate::pins::{MemoryPinTable, PinTable, DEFAULT_MAX_PINS};
 use crate::pool::{LoadMeasure, Pool};
@@ -100,6 +101,7 @@ pub struct AffinityBuilder<B> {
     pin_ttl: Duration,
     max_key_len: usize,
     measure: LoadMeasure,
+    placement: Placement,
     vnodes_per_weight: u32,
     tenant_share: Option<f64>,
     tenant_buckets: u32,
@@ -129,6 +131,7 @@ impl<B> AffinityBuilder<B> {
             pin_ttl: DEFAULT_PIN_TTL,
             max_key_len: DEFAULT_MAX_KEY_LEN,
             measure: LoadMeasure::default(),
+            placement: Placement::default(),
             vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
             tenant_share: None,
             tenant_buckets: DEFAULT_TENANT_BUCKETS,
@@ -193,6 +196,16 @@ impl<B> AffinityBuilder<B> {
     /// What counts as load for the bound (default: requests in flight).
     pub fn measure(mut self, measure: LoadMeasure) -> Self {
         self.measure = measure;
+        self
+    }
+
+    /// How sessions are placed (default [`Placement::Load`]: ring order under the load bound).
+    /// [`Placement::PredictedTtft`] places new sessions on the least predicted time to first
+    /// token among a few candidates and lets a pinned session leave home only when another
+    /// replica's predicted TTFT, re-prefill included, is better by a margin; see
+    /// [`TtftPlacement`](crate::load::TtftPlacement). The load bound stays a hard cap.
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
         self
     }
 
@@ -262,6 +275,7 @@ impl<B> AffinityBuilder<B> {
                 pin_ttl: self.pin_ttl,
                 max_key_len: self.max_key_len,
                 measure: self.measure,
+                placement: self.placement,
                 vnodes_per_weight: self.vnodes_per_weight,
             },
             pins,

@@ -131,6 +131,7 @@ mod headers;
 mod layer;
 mod service;
 mod spread;
+mod ttft;
 
 pub use self::error::AffinityConfigError;
 pub use self::future::AffinityFuture;

@@ -13,14 +13,15 @@ use crate::affinity::{AffinityKey, DECISIONS_COUNTER, PIN_ERRORS_COUNTER, RING_R
 use crate::context::{RouteContext, RouteKey};
 use crate::decision::{Decision, DecisionReason};
 use crate::error::{KeyKind, RouteError};
-use crate::load::SloAdvice;
+use crate::load::{Placement, SloAdvice, WorkPlan};
 use crate::pick::no_replica;
 use crate::pick::ring::{
-    key_hash, place_bounded, place_least_loaded, BalanceFactor, Bound, LoadView, Placement, Ring,
-    SnapshotView,
+    key_hash, place_bounded, place_least_loaded, BalanceFactor, Bound, LoadView,
+    Placement as RingPlacement, Ring, SnapshotView,
 };
 use crate::pins::{PinError, PinFuture, PinTable};
 use crate::pool::{LoadMeasure, Pool, PoolSnapshot};
+use crate::prefix::PrefixHashes;
 use crate::replica::ReplicaId;
 use crate::request::RouteRequest;
 
@@ -34,6 +35,7 @@ pub(crate) struct Settings {
     pub(crate) max_key_len: usize,
     pub(crate) measure: LoadMeasure,
     pub(crate) vnodes_per_weight: u32,
+    pub(crate) placement: Placement,
 }
 
 /// Metric handles, registered once per layer.
@@ -56,7 +58,7 @@ impl Metrics {
         }
     }
 
-    fn decision(&self, reason: DecisionReason) {
+    pub(crate) fn decision(&self, reason: DecisionReason) {
         match reason {
             DecisionReason::Home => self.home.increment(1),
             DecisionReason::Spill => self.spill.increment(1),
@@ -73,18 +75,33 @@ struct RingEntry {
 
 /// State shared by an [`AffinityLayer`](super::AffinityLayer) and its services.
 pub(crate) struct Shared<B> {
-    pool: Pool<B>,
+    pub(crate) pool: Pool<B>,
     pub(crate) settings: Settings,
     pub(crate) pins: Arc<dyn PinTable>,
     ring: ArcSwapOption<RingEntry>,
-    spread: Option<TenantSpread>,
+    pub(crate) spread: Option<TenantSpread>,
     pub(crate) metrics: Metrics,
+    /// Seeds the weighted samples of predicted-TTFT placement.
+    pub(crate) draws: std::sync::atomic::AtomicU64,
 }
 
 /// A decision and the pin write it needs, if that write is still pending.
 pub(crate) struct Routed {
     pub(crate) decision: Decision,
     pub(crate) write: Option<PinWrite>,
+    /// The work plan of the chosen replica (predicted-TTFT placement only).
+    pub(crate) plan: Option<WorkPlan>,
+}
+
+impl Routed {
+    /// Puts the decision (and the work plan) on the request; returns the pending pin write.
+    pub(crate) fn apply<Req: RouteRequest>(self, req: &mut Req) -> Option<PinWrite> {
+        req.set_decision(self.decision);
+        if let Some(plan) = self.plan {
+            req.extensions_mut().insert(plan);
+        }
+        self.write
+    }
 }
 
 /// The key a request is placed by, and what the layer needs to place it.
@@ -94,6 +111,10 @@ pub(crate) struct Keyed {
     pub(crate) cost: f64,
     /// The shedding layer's advice, when one sits above: replicas it says to leave are avoided.
     pub(crate) advice: Option<SloAdvice>,
+    /// The prompt's fingerprints (predicted-TTFT placement).
+    pub(crate) prefix: Option<PrefixHashes>,
+    /// The route context's estimated tokens.
+    pub(crate) estimated_tokens: u64,
 }
 
 impl<B> Shared<B> {
@@ -110,6 +131,7 @@ impl<B> Shared<B> {
             ring: ArcSwapOption::empty(),
             spread,
             metrics: Metrics::new(),
+            draws: std::sync::atomic::AtomicU64::new(0x5EED_7F7F),
         }
     }
 
@@ -151,11 +173,13 @@ impl<B> Shared<B> {
             tenant,
             cost,
             advice: None,
+            prefix: ctx.prefix.clone(),
+            estimated_tokens: ctx.estimated_tokens,
         }))
     }
 
     /// Runs `f` on the ring of `snapshot`'s membership, rebuilding it if the version changed.
-    fn with_ring<T>(&self, snapshot: &PoolSnapshot<B>, f: impl FnOnce(&Ring) -> T) -> T {
+    pub(crate) fn with_ring<T>(&self, snapshot: &PoolSnapshot<B>, f: impl FnOnce(&Ring) -> T) -> T {
         let version = snapshot.version();
         {
             let current = self.ring.load();
@@ -180,14 +204,14 @@ impl<B> Shared<B> {
 
     /// Walks the ring from the key: the first eligible replica with room (and, with a tenant
     /// cap, within the cap), else within the bound ignoring the cap, else the least loaded.
-    fn place(
+    pub(crate) fn place(
         &self,
         snapshot: &PoolSnapshot<B>,
         view: &SnapshotView<'_, B>,
         bound: &Bound,
         keyed: &Keyed,
         exclude: Option<usize>,
-    ) -> Option<Placement> {
+    ) -> Option<RingPlacement> {
         let hash = key_hash(keyed.key.as_bytes());
         let version = snapshot.version();
         // Replicas the shedding layer says to leave (over the wait budget, under its sticky
@@ -237,6 +261,9 @@ impl<B> Shared<B> {
         keyed: &Keyed,
         pinned: Result<Option<ReplicaId>, PinError>,
     ) -> Result<Routed, RouteError> {
+        if let Placement::PredictedTtft(ttft) = &self.settings.placement {
+            return self.decide_ttft(keyed, pinned, ttft);
+        }
         let snapshot = self.pool.load();
         let snap: &PoolSnapshot<B> = &snapshot;
         let view = SnapshotView::new(snap, self.settings.measure);
@@ -296,11 +323,15 @@ impl<B> Shared<B> {
         } else {
             None
         };
-        Ok(Routed { decision, write })
+        Ok(Routed {
+            decision,
+            write,
+            plan: None,
+        })
     }
 
     /// Starts writing the pin `key -> id`; `None` when the write is done (or failed, counted).
-    fn pin(&self, key: RouteKey, id: ReplicaId) -> Option<PinWrite> {
+    pub(crate) fn pin(&self, key: RouteKey, id: ReplicaId) -> Option<PinWrite> {
         match self.pins.clone().pin_owned(key, id, self.settings.pin_ttl) {
             PinFuture::Ready(Some(Ok(()))) => None,
             PinFuture::Ready(_) => {
@@ -398,8 +429,8 @@ where
                 });
                 match self.shared.decide(&keyed, pinned) {
                     Ok(routed) => {
-                        req.set_decision(routed.decision);
-                        AffinityFuture::inner(self.inner.call(req), routed.write)
+                        let write = routed.apply(&mut req);
+                        AffinityFuture::inner(self.inner.call(req), write)
                     }
                     Err(e) => AffinityFuture::failed(e),
                 }

@@ -1,4 +1,5 @@
 use crate::balance::service::{LeastInFlight, RoundRobin};
+use crate::load::Placement;
 use crate::pool::{LoadMeasure, Pool};
 use crate::rng::RngSeed;
 
@@ -9,6 +10,7 @@ use crate::rng::RngSeed;
 pub struct LeastInFlightLayer<B> {
     pool: Pool<B>,
     measure: LoadMeasure,
+    placement: Placement,
     seed: RngSeed,
 }
 
@@ -18,6 +20,7 @@ impl<B> LeastInFlightLayer<B> {
         LeastInFlightLayer {
             pool,
             measure: LoadMeasure::default(),
+            placement: Placement::Load,
             seed: RngSeed::from_entropy(),
         }
     }
@@ -25,6 +28,15 @@ impl<B> LeastInFlightLayer<B> {
     /// What counts as load.
     pub fn measure(mut self, measure: LoadMeasure) -> Self {
         self.measure = measure;
+        self
+    }
+
+    /// How requests are placed (default [`Placement::Load`]: the lesser `measure` of two
+    /// weighted samples). [`Placement::PredictedTtft`] takes the least predicted time to first
+    /// token among the weighted samples and the replicas whose prefix index entry matches the
+    /// request's fingerprints longest, and records the choice in the index.
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
         self
     }
 
@@ -40,6 +52,7 @@ impl<S, B> tower::Layer<S> for LeastInFlightLayer<B> {
 
     fn layer(&self, inner: S) -> Self::Service {
         LeastInFlight::new(inner, self.pool.clone(), self.measure, self.seed.clone())
+            .with_placement(self.placement.clone())
     }
 }
 

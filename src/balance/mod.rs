@@ -53,5 +53,5 @@ mod layer;
 mod service;
 
 pub use self::layer::{LeastInFlightLayer, RoundRobinLayer};
-pub use self::service::{LeastInFlight, RoundRobin};
+pub use self::service::{pick_ttft, LeastInFlight, RoundRobin};
 pub use crate::pool::LoadMeasure;

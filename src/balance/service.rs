@@ -7,8 +7,10 @@ use rand::rngs::SmallRng;
 use crate::decision::{Decision, DecisionReason};
 use crate::error::RouteError;
 use crate::future::RouteFuture;
-use crate::pick::{no_replica, pick_two_choices};
-use crate::pool::{LoadMeasure, Pool};
+use crate::load::predict::{push_indexed, Candidates, TtftRequest};
+use crate::load::{Placement, TtftPlacement};
+use crate::pick::{least_loaded_scan, no_replica, pick_two_choices};
+use crate::pool::{LoadMeasure, Pool, PoolSnapshot};
 use crate::request::RouteRequest;
 use crate::rng::RngSeed;
 
@@ -18,6 +20,7 @@ pub struct LeastInFlight<S, B> {
     inner: S,
     pool: Pool<B>,
     measure: LoadMeasure,
+    placement: Placement,
     seed: RngSeed,
     rng: SmallRng,
 }
@@ -30,9 +33,16 @@ impl<S, B> LeastInFlight<S, B> {
             inner,
             pool,
             measure,
+            placement: Placement::Load,
             seed,
             rng,
         }
+    }
+
+    /// The same service placing by `placement` (see [`LeastInFlightLayer::placement`](super::LeastInFlightLayer::placement)).
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
     }
 
     /// Picks a replica for a request with no decision; `None` when none is eligible.
@@ -56,6 +66,7 @@ impl<S: Clone, B> Clone for LeastInFlight<S, B> {
             inner: self.inner.clone(),
             pool: self.pool.clone(),
             measure: self.measure,
+            placement: self.placement.clone(),
             seed: self.seed.clone(),
             rng: self.seed.fork(),
         }
@@ -77,11 +88,73 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
+        if req.decision().is_none() {
+            if let Placement::PredictedTtft(tp) = &self.placement {
+                let picked = {
+                    let snap = self.pool.load();
+                    let r = tp.request(req.route_context());
+                    pick_ttft(&snap, tp, &r, &mut self.rng)
+                        .ok_or_else(|| no_replica(&snap))
+                        .map(|(i, unc)| {
+                            let replica = &snap.replicas()[i];
+                            let plan = tp.record(&r, replica, unc);
+                            let d = Decision::at_slot(
+                                replica.id().clone(),
+                                DecisionReason::LeastLoaded,
+                                snap.version(),
+                                i,
+                            );
+                            (d, plan)
+                        })
+                };
+                match picked {
+                    Ok((d, plan)) => {
+                        req.set_decision(d);
+                        req.extensions_mut().insert(plan);
+                    }
+                    Err(e) => return RouteFuture::failed(e),
+                }
+                return RouteFuture::new(self.inner.call(req));
+            }
+        }
         if let Err(e) = decide(&mut req, || self.pick()) {
             return RouteFuture::failed(e);
         }
         RouteFuture::new(self.inner.call(req))
     }
+}
+
+/// Keyless placement by predicted TTFT: the least predicted TTFT among `sampled` replicas drawn
+/// by weight and the `indexed` replicas holding the longest prefix match. Returns the index and
+/// the request's uncached tokens there.
+pub fn pick_ttft<B, R: rand::Rng + ?Sized>(
+    snapshot: &PoolSnapshot<B>,
+    tp: &TtftPlacement,
+    req: &TtftRequest<'_>,
+    rng: &mut R,
+) -> Option<(usize, u64)> {
+    let replicas = snapshot.replicas();
+    let ok = |i: usize| replicas[i].state().is_eligible();
+    let mut cands = Candidates::new();
+    for _ in 0..tp.sampled.clamp(1, Candidates::CAP / 2) {
+        if let Some(i) = snapshot.sample_weighted(rng) {
+            if ok(i) {
+                cands.push(i);
+            }
+        }
+    }
+    push_indexed(tp, req, snapshot, ok, &mut cands);
+    if cands.as_slice().is_empty() {
+        cands.push(least_loaded_scan(snapshot, LoadMeasure::InFlightTokens)?);
+    }
+    let mut best: Option<(usize, f64, u64)> = None;
+    for &i in cands.as_slice() {
+        let (t, unc) = tp.predict(req, &replicas[i], false);
+        if best.is_none_or(|(_, b, _)| t < b) {
+            best = Some((i, t, unc));
+        }
+    }
+    best.map(|(i, _, unc)| (i, unc))
 }
 
 /// Round-robin picking; made by [`RoundRobinLayer`](super::RoundRobinLayer).

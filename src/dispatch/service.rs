@@ -9,6 +9,7 @@ use crate::dispatch::future::DispatchFuture;
 use crate::error::{BoxError, NoReplicaReason, RouteError};
 use crate::inflight::CompletionObservers;
 use crate::inflight::InFlightGuard;
+use crate::load::work::WorkPlan;
 use crate::pick::{least_loaded_scan, no_replica, pick_two_choices};
 use crate::pool::{LoadMeasure, Pool, PoolSnapshot, Replica};
 use crate::request::{RouteRequest, RouteResponse};
@@ -103,10 +104,13 @@ where
         let mut decision = req.decision().cloned();
         let mut observers = req.extensions_mut().remove::<CompletionObservers>();
         let mut target = decision.as_ref().and_then(|d| locate(&snap, d).cloned());
+        // The work plan was made for the decided replica; a re-pick counts the whole prompt.
+        let mut plan = req.extensions().get::<WorkPlan>().copied();
         for attempt in 0..=MAX_REDIRECTS {
             let replica = match target.take() {
                 Some(r) => r,
                 None => {
+                    plan = None;
                     let pick = if attempt == 0 {
                         pick_two_choices(&snap, LoadMeasure::default(), &mut self.rng)
                     } else {
@@ -123,7 +127,7 @@ where
                     r
                 }
             };
-            let guard = InFlightGuard::begin(replica.state().clone(), req.route_context());
+            let guard = InFlightGuard::begin(replica.state().clone(), req.route_context(), plan);
             let Some(mut guard) = guard else {
                 // Started draining after the pick: choose again.
                 if let Some(d) = decision.as_mut() {

@@ -27,7 +27,12 @@
 
 mod advice;
 pub(crate) mod estimate;
+pub mod predict;
 pub mod prometheus;
+pub mod work;
+
+pub use self::predict::{Placement, TtftModel, TtftPlacement};
+pub use self::work::{WorkPlan, WorkState};
 
 pub use self::advice::{SloAdvice, StickyPolicy, WaitSource};
 pub use self::estimate::{WaitEstimate, WaitEstimator};

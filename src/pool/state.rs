@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backend::LoadReport;
+use crate::load::work::WorkState;
 use crate::replica::ReplicaId;
 
 /// A replica's health as the router sees it.
@@ -124,6 +125,7 @@ pub struct ReplicaState {
     /// EWMA of the full request duration (until the body ends), nanoseconds as f64 bits.
     ewma_duration: AtomicU64,
     load_report: Mutex<Option<LoadReport>>,
+    work: WorkState,
     idle: Notify,
 }
 
@@ -160,6 +162,7 @@ impl ReplicaState {
             ewma_ttfb: AtomicU64::new(0),
             ewma_duration: AtomicU64::new(0),
             load_report: Mutex::new(None),
+            work: WorkState::new(),
             idle: Notify::new(),
         }
     }
@@ -177,6 +180,12 @@ impl ReplicaState {
     /// Estimated tokens of the requests in flight.
     pub fn in_flight_tokens(&self) -> u64 {
         self.in_flight_tokens.load(Ordering::Acquire)
+    }
+
+    /// The work model: outstanding prefill, decode load, learned prefill rate, cache
+    /// calibration (see [`load::work`](crate::load::work)).
+    pub fn work(&self) -> &WorkState {
+        &self.work
     }
 
     /// Current health.

@@ -77,6 +77,11 @@ impl RoutedResponse {
         let polled = self.inner.poll_event(cx);
         match &polled {
             Poll::Ready(Some(MockEvent::Done(_))) => self.end(Outcome::Success),
+            Poll::Ready(Some(_)) => {
+                if let Some(g) = self.guard.as_mut() {
+                    g.on_first_data();
+                }
+            }
             Poll::Ready(None) => self.end(Outcome::Failure),
             _ => {}
         }

@@ -201,10 +201,20 @@ impl SimStream {
         }
         match next {
             Some(MockEvent::Done(usage)) => {
+                // What the engine had cached calibrates the router's guess (a gateway reads it
+                // from `usage.prompt_tokens_details.cached_tokens`).
+                if let Some(g) = self.guard.as_ref() {
+                    g.observe_cached(u64::from(usage.cached_tokens));
+                }
                 self.end(Outcome::Success);
                 Ok(Some(MockEvent::Done(usage)))
             }
-            Some(token) => Ok(Some(token)),
+            Some(token) => {
+                if let Some(g) = self.guard.as_mut() {
+                    g.on_first_data();
+                }
+                Ok(Some(token))
+            }
             None => {
                 self.end(Outcome::Failure);
                 Err(SimError::Engine(MockError::Stopped))

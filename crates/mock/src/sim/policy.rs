@@ -1,6 +1,7 @@
 //! The routing policies compared, each a stack of the crate's real layers.
 
 use std::fmt;
+use std::sync::Arc;
 
 use tower::util::BoxCloneService;
 use tower::ServiceBuilder;
@@ -11,7 +12,9 @@ use replica_router::affinity::{AffinityConfigError, AffinityKey, AffinityLayer};
 use replica_router::balance::{LeastInFlightLayer, LoadMeasure, RoundRobinLayer};
 use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
+use replica_router::load::Placement;
 use replica_router::pool::Pool;
+use replica_router::prefix::PrefixIndex;
 use replica_router::rng::RngSeed;
 
 /// The balance factor that stands for "never spill": plain consistent hashing with pins.
@@ -36,6 +39,16 @@ pub enum Policy {
     },
     /// The cache-aware reference policy ([`CacheAwareLayer`]): SGLang's router, rebuilt.
     CacheAware(CacheAwareConfig),
+    /// Placement by predicted time to first token ([`Placement::PredictedTtft`]) over a prefix
+    /// index fed with each turn's fingerprints: [`AffinityLayer`] (bounded loads, `c = 1.25` by
+    /// `measure`) in front of [`LeastInFlightLayer`], both placing by predicted TTFT.
+    Ttft {
+        /// Sessions are placed by their session key; `false` is keyless traffic: no affinity
+        /// layer, every request placed by its prompt fingerprints alone.
+        keyed: bool,
+        /// What counts as load for the affinity bound.
+        measure: LoadMeasure,
+    },
 }
 
 impl Policy {
@@ -77,6 +90,18 @@ impl Policy {
 
     /// The cache-aware reference policy with SGLang's router defaults.
     pub const CACHE_AWARE: Policy = Policy::CacheAware(CacheAwareConfig::SGLANG);
+    /// Predicted-TTFT placement by session key, the load bound in estimated tokens in flight
+    /// (a proxy of KV-cache occupancy, which the TTFT model does not see).
+    pub const TTFT: Policy = Policy::Ttft {
+        keyed: true,
+        measure: LoadMeasure::InFlightTokens,
+    };
+
+    /// Predicted-TTFT placement without a session key (prompt fingerprints only).
+    pub const TTFT_KEYLESS: Policy = Policy::Ttft {
+        keyed: false,
+        measure: LoadMeasure::InFlightTokens,
+    };
 
     /// The policies of the standard comparison, in table order.
     pub const STANDARD: [Policy; 7] = [
@@ -88,6 +113,11 @@ impl Policy {
         Policy::STICKY_USER,
         Policy::BOUNDED_USER,
     ];
+
+    /// Whether the policy's requests carry session and user keys (all but the keyless ones).
+    pub fn is_keyed(&self) -> bool {
+        !matches!(self, Policy::Ttft { keyed: false, .. })
+    }
 
     /// Builds the stack over `pool`; `seed` fixes every random choice.
     pub(crate) fn stack(
@@ -105,6 +135,24 @@ impl Policy {
             ),
             Policy::LeastLoaded => {
                 BoxCloneService::new(ServiceBuilder::new().layer(least).service(dispatch))
+            }
+            Policy::Ttft { keyed, measure } => {
+                let placement = Placement::predicted_ttft(Arc::new(PrefixIndex::default()));
+                let least = least.placement(placement.clone());
+                if keyed {
+                    let affinity = AffinityLayer::builder(pool.clone())
+                        .measure(measure)
+                        .placement(placement)
+                        .build()?;
+                    BoxCloneService::new(
+                        ServiceBuilder::new()
+                            .layer(affinity)
+                            .layer(least)
+                            .service(dispatch),
+                    )
+                } else {
+                    BoxCloneService::new(ServiceBuilder::new().layer(least).service(dispatch))
+                }
             }
             Policy::Affinity {
                 key,
@@ -143,6 +191,17 @@ impl fmt::Display for Policy {
         match self {
             Policy::RoundRobin => f.write_str("round-robin"),
             Policy::LeastLoaded => f.write_str("least-loaded (p2c)"),
+            Policy::Ttft { keyed, measure } => {
+                f.write_str(if *keyed {
+                    "predicted TTFT by session"
+                } else {
+                    "predicted TTFT, keyless"
+                })?;
+                match measure {
+                    LoadMeasure::InFlightRequests => Ok(()),
+                    LoadMeasure::InFlightTokens => f.write_str(" (tokens)"),
+                }
+            }
             Policy::Affinity {
                 key,
                 balance_factor,

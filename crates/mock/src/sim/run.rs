@@ -19,6 +19,7 @@ use replica_router::affinity::AffinityConfigError;
 use replica_router::decision::DecisionReason;
 use replica_router::error::RouteError;
 use replica_router::pool::Pool;
+use replica_router::prefix::PrefixHashes;
 use replica_router::replica::PoolError;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::request::RouteRequest;
@@ -146,6 +147,8 @@ struct Env {
     failure: Option<(usize, Duration)>,
     options: SimOptions,
     pacing: Pacing,
+    /// Whether requests carry their session and user keys (false for keyless policies).
+    keyed: bool,
 }
 
 impl Env {
@@ -191,6 +194,7 @@ async fn run(
         failure: scenario.failure.map(|f| (f.replica, f.at)),
         options: options.clone(),
         pacing: workload.pacing,
+        keyed: policy.is_keyed(),
     });
 
     // Load sampler: time-averaged requests in flight per replica.
@@ -244,7 +248,15 @@ async fn run(
     let leftover_in_flight = snapshot
         .replicas()
         .iter()
-        .map(|r| r.state().in_flight() + r.state().in_flight_tokens())
+        .map(|r| {
+            let (s, w) = (r.state(), r.state().work());
+            s.in_flight()
+                + s.in_flight_tokens()
+                + w.prefill_tokens()
+                + w.prefill_requests()
+                + w.decode_tokens()
+                + w.decode_requests()
+        })
         .sum();
     Ok(summarize(
         scenario,
@@ -310,6 +322,17 @@ async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> Sess
                 prompt_tokens: turn.prompt_tokens,
             };
             let mut req = SimRequest::new(MockRequest::new(prompt, turn.answer_tokens).streamed());
+            let mut ctx = ctx;
+            if !env.keyed {
+                ctx.session = None;
+                ctx.user = None;
+            }
+            // The prompt's fingerprints, as a gateway hashing the messages would give them.
+            ctx.prefix = Some(PrefixHashes::from_block_chain(
+                block_hashes,
+                env.block_size,
+                u64::from(turn.prompt_tokens),
+            ));
             req.set_route_context(ctx);
             let sent = match stack.ready().await {
                 Ok(svc) => svc.call(req).await,

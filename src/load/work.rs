@@ -1,0 +1,306 @@
+//! The work a replica faces, as the router saw it: counted on the request path with atomics.
+//!
+//! Requests in flight are a poor measure of an LLM replica's load: prompts differ by 100x in
+//! length, and a replica with two 80k-token prefills queued is busier than one with three short
+//! chats. [`WorkState`] (one per replica, [`ReplicaState::work`](crate::pool::ReplicaState::work))
+//! keeps what a time-to-first-token model needs:
+//!
+//! - **outstanding prefill**: the uncached prompt tokens of the requests sent to the replica whose
+//!   first response *data* frame has not arrived yet (they are queued or prefilling). Real vLLM
+//!   sends the `200` head before the prefill ends, so the first body data frame, not the head, is
+//!   what ends the prefill phase;
+//! - **decode load**: requests streaming (first data seen, body not ended) and their expected
+//!   output tokens;
+//! - a **learned prefill rate** in tokens per second: an EWMA fitted from each request's time to
+//!   its first data frame against the prefill work that was ahead of it plus its own. It starts
+//!   at a seed (capacity weight x a base rate, set by [`TtftModel`](super::predict::TtftModel)),
+//!   so a TP=4 replica beside TP=2 ones, or a throttled one, is measured rather than assumed.
+//!   Every sample is clamped to `[MIN_RATE, MAX_RATE]`, so the rate stays finite and positive
+//!   under any timing;
+//! - a **cache calibration**: an EWMA of `reported cached tokens / predicted cached tokens`, fed by
+//!   [`WorkState::observe_cached`] from the engine's own `usage.prompt_tokens_details.cached_tokens`,
+//!   which scales what the router's prefix index predicts for this replica.
+//!
+//! The in-flight guard ([`InFlightGuard`](crate::inflight::InFlightGuard)) moves a request from
+//! prefill to decode at its first data frame and releases it on every end path (success,
+//! failure, cancellation, a dropped stream, a panic unwinding), so every counter returns to zero.
+//!
+//! How much of a request is prefill comes from a [`WorkPlan`] in the request's extensions (the
+//! predicted-TTFT placement writes one: the uncached tokens on the chosen replica); without one,
+//! the whole prompt is counted as prefill (the prefix fingerprints' token count, else the route
+//! context's estimated tokens).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Smallest prefill rate a sample or a seed may set, tokens per second.
+pub const MIN_RATE: f64 = 1.0;
+/// Largest prefill rate a sample or a seed may set, tokens per second.
+pub const MAX_RATE: f64 = 1e9;
+/// Prefill work (own plus ahead) below which a time-to-first-data sample is not used to fit the
+/// rate: fixed latencies dominate short prompts.
+pub const MIN_SAMPLE_TOKENS: u64 = 256;
+/// Weight of the newest sample in the rate EWMA.
+const RATE_ALPHA: f64 = 0.2;
+/// Weight of the newest sample in the cache-calibration EWMA.
+const CACHE_ALPHA: f64 = 0.1;
+/// Range of the cache calibration factor.
+const CACHE_RANGE: (f64, f64) = (0.0, 1.5);
+
+/// How much of one request is prefill and how much is decode, as the picking layer predicted it.
+///
+/// Insert one in the request's extensions after deciding; dispatch hands it to the in-flight
+/// guard, which counts `prefill_tokens` as outstanding prefill on the chosen replica until the
+/// first data frame, then `output_tokens` as decode load until the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WorkPlan {
+    /// Prompt tokens the chosen replica must prefill (not in its cache).
+    pub prefill_tokens: u64,
+    /// Expected output tokens.
+    pub output_tokens: u64,
+    /// Prompt tokens the picking layer predicted the replica holds (for
+    /// [`WorkState::observe_cached`] once the engine reports what it actually had).
+    pub cached_tokens: u64,
+}
+
+impl WorkPlan {
+    /// The plan of a request with no prediction: the whole prompt is prefill. The prompt length
+    /// is `prompt_tokens` when known, else `estimated_tokens` (prompt plus output) is used.
+    pub fn unplanned(prompt_tokens: Option<u64>, estimated_tokens: u64) -> WorkPlan {
+        match prompt_tokens {
+            Some(p) => WorkPlan {
+                prefill_tokens: p,
+                output_tokens: estimated_tokens.saturating_sub(p),
+                cached_tokens: 0,
+            },
+            None => WorkPlan {
+                prefill_tokens: estimated_tokens,
+                output_tokens: 0,
+                cached_tokens: 0,
+            },
+        }
+    }
+}
+
+/// One replica's work model; see the [module docs](self).
+#[derive(Debug, Default)]
+pub struct WorkState {
+    prefill_tokens: AtomicU64,
+    prefill_requests: AtomicU64,
+    decode_tokens: AtomicU64,
+    decode_requests: AtomicU64,
+    /// Prefill rate in tokens/s as f64 bits; 0 = neither seeded nor sampled yet.
+    rate: AtomicU64,
+    rate_samples: AtomicU64,
+    /// Cache calibration factor as f64 bits; 0 = no report yet (read as 1.0).
+    cache: AtomicU64,
+    cache_samples: AtomicU64,
+}
+
+fn clamp_rate(r: f64) -> f64 {
+    if r.is_nan() {
+        return MIN_RATE;
+    }
+    r.clamp(MIN_RATE, MAX_RATE)
+}
+
+/// `cell = cell + alpha (sample - cell)`, or `cell = sample` while it is 0.
+fn ewma(cell: &AtomicU64, sample: f64, alpha: f64) {
+    let mut cur = cell.load(Ordering::Relaxed);
+    loop {
+        let old = f64::from_bits(cur);
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old + alpha * (sample - old)
+        };
+        match cell.compare_exchange_weak(cur, new.to_bits(), Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+fn sub(cell: &AtomicU64, n: u64) {
+    if n > 0 {
+        // Saturating: a counter never wraps even if a caller's bookkeeping were off.
+        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some(v.saturating_sub(n))
+        });
+    }
+}
+
+impl WorkState {
+    /// A replica with no work and no rate yet.
+    pub fn new() -> Self {
+        WorkState::default()
+    }
+
+    /// Uncached prompt tokens of the requests sent and not yet answered with a data frame.
+    pub fn prefill_tokens(&self) -> u64 {
+        self.prefill_tokens.load(Ordering::Acquire)
+    }
+
+    /// Requests sent and not yet answered with a data frame (queued or prefilling).
+    pub fn prefill_requests(&self) -> u64 {
+        self.prefill_requests.load(Ordering::Acquire)
+    }
+
+    /// Expected output tokens of the requests streaming.
+    pub fn decode_tokens(&self) -> u64 {
+        self.decode_tokens.load(Ordering::Acquire)
+    }
+
+    /// Requests streaming: first data frame seen, body not ended.
+    pub fn decode_requests(&self) -> u64 {
+        self.decode_requests.load(Ordering::Acquire)
+    }
+
+    /// The prefill rate (tokens/s) learned or seeded so far; `None` before either.
+    pub fn rate(&self) -> Option<f64> {
+        let r = f64::from_bits(self.rate.load(Ordering::Relaxed));
+        (r > 0.0).then_some(r)
+    }
+
+    /// Samples that went into the learned rate.
+    pub fn rate_samples(&self) -> u64 {
+        self.rate_samples.load(Ordering::Relaxed)
+    }
+
+    /// The rate, seeding it with `seed` tokens/s (clamped) if nothing set it yet.
+    pub fn rate_or_seed(&self, seed: f64) -> f64 {
+        if let Some(r) = self.rate() {
+            return r;
+        }
+        let seed = clamp_rate(seed);
+        match self
+            .rate
+            .compare_exchange(0, seed.to_bits(), Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => seed,
+            Err(now) => f64::from_bits(now),
+        }
+    }
+
+    /// Folds in one request's time to first data frame: `tokens` of prefill work (the work ahead
+    /// of it when it was sent, plus its own) took `elapsed`. Samples under
+    /// [`MIN_SAMPLE_TOKENS`] are ignored; every sample is clamped to
+    /// `[MIN_RATE, MAX_RATE]`, so the rate stays finite and positive.
+    pub fn observe_prefill(&self, tokens: u64, elapsed: Duration) {
+        if tokens < MIN_SAMPLE_TOKENS {
+            return;
+        }
+        let secs = elapsed.as_secs_f64();
+        let sample = if secs > 0.0 {
+            clamp_rate(tokens as f64 / secs)
+        } else {
+            MAX_RATE
+        };
+        ewma(&self.rate, sample, RATE_ALPHA);
+        self.rate_samples.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The cache calibration: how many of the cached tokens the router predicts this replica
+    /// actually reports, as a factor in `[0, 1.5]` (1.0 until a report arrives).
+    pub fn cache_calibration(&self) -> f64 {
+        let c = f64::from_bits(self.cache.load(Ordering::Relaxed));
+        if self.cache_samples.load(Ordering::Relaxed) == 0 || !c.is_finite() {
+            1.0
+        } else {
+            c
+        }
+    }
+
+    /// Reports what the replica said it had cached for one request (OpenAI
+    /// `usage.prompt_tokens_details.cached_tokens`) beside what the router predicted. Requests
+    /// for which the router predicted no cached tokens carry no information and are ignored.
+    ///
+    /// ```
+    /// use replica_router::load::work::WorkState;
+    /// let w = WorkState::new();
+    /// assert_eq!(w.cache_calibration(), 1.0);
+    /// w.observe_cached(1000, 500); // the router over-predicted by 2x
+    /// assert!(w.cache_calibration() < 1.0);
+    /// ```
+    pub fn observe_cached(&self, predicted_cached: u64, reported_cached: u64) {
+        if predicted_cached == 0 {
+            return;
+        }
+        let ratio =
+            (reported_cached as f64 / predicted_cached as f64).clamp(CACHE_RANGE.0, CACHE_RANGE.1);
+        if self.cache_samples.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.cache.store(ratio.to_bits(), Ordering::Relaxed);
+        } else {
+            // Stored factors are never 0.0 bits-wise unless the ratio was 0; keep EWMA exact.
+            let mut cur = self.cache.load(Ordering::Relaxed);
+            loop {
+                let old = f64::from_bits(cur);
+                let new = old + CACHE_ALPHA * (ratio - old);
+                match self.cache.compare_exchange_weak(
+                    cur,
+                    new.to_bits(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return,
+                    Err(actual) => cur = actual,
+                }
+            }
+        }
+    }
+
+    /// Counts a request's prefill; returns the prefill tokens that were ahead of it.
+    pub(crate) fn begin(&self, plan: &WorkPlan) -> u64 {
+        self.prefill_requests.fetch_add(1, Ordering::AcqRel);
+        self.prefill_tokens
+            .fetch_add(plan.prefill_tokens, Ordering::AcqRel)
+    }
+
+    /// The request's first data frame arrived: its prefill is done, it decodes now.
+    pub(crate) fn first_data(&self, plan: &WorkPlan) {
+        self.decode_requests.fetch_add(1, Ordering::AcqRel);
+        self.decode_tokens
+            .fetch_add(plan.output_tokens, Ordering::AcqRel);
+        self.end_prefill(plan);
+    }
+
+    /// The request ended before its first data frame.
+    pub(crate) fn end_prefill(&self, plan: &WorkPlan) {
+        sub(&self.prefill_tokens, plan.prefill_tokens);
+        sub(&self.prefill_requests, 1);
+    }
+
+    /// The request ended after its first data frame.
+    pub(crate) fn end_decode(&self, plan: &WorkPlan) {
+        sub(&self.decode_tokens, plan.output_tokens);
+        sub(&self.decode_requests, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_seeds_then_learns() {
+        let w = WorkState::new();
+        assert_eq!(w.rate(), None);
+        assert_eq!(w.rate_or_seed(10_000.0), 10_000.0);
+        w.observe_prefill(20_000, Duration::from_secs(1));
+        let r = w.rate().unwrap();
+        assert!(r > 10_000.0 && r < 20_000.0, "{r}");
+        // Too little work to learn from.
+        w.observe_prefill(10, Duration::from_secs(100));
+        assert_eq!(w.rate().unwrap(), r);
+        w.observe_prefill(1_000, Duration::ZERO);
+        assert!(w.rate().unwrap().is_finite());
+    }
+
+    #[test]
+    fn unplanned_splits_prompt_and_output() {
+        let p = WorkPlan::unplanned(Some(100), 150);
+        assert_eq!((p.prefill_tokens, p.output_tokens), (100, 50));
+        let p = WorkPlan::unplanned(None, 150);
+        assert_eq!((p.prefill_tokens, p.output_tokens), (150, 0));
+    }
+}
