@@ -33,6 +33,28 @@ impl Policy {
     }
 }
 
+/// What placement minimises (`--placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlacementMode {
+    /// Predicted time to first token from each replica's queued prefill, learned prefill rate
+    /// and the prompt's cached part there (session pins and a prefix index of the prompts sent),
+    /// with the load bound counted in estimated tokens. The default.
+    #[default]
+    PredictedTtft,
+    /// Requests in flight, as before predicted-TTFT placement (for comparison).
+    Requests,
+}
+
+impl PlacementMode {
+    /// The flag spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementMode::PredictedTtft => "predicted-ttft",
+            PlacementMode::Requests => "requests",
+        }
+    }
+}
+
 /// `N/SECS`: at most `n` per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -141,6 +163,9 @@ pub struct GatewayConfig {
     pub counter_store: CounterStoreSpec,
     /// The picking policy (`--policy affinity|least-loaded|round-robin`, default affinity).
     pub policy: Policy,
+    /// What `affinity` and `least-loaded` minimise (`--placement predicted-ttft|requests`,
+    /// default predicted-ttft).
+    pub placement: PlacementMode,
     /// Largest accepted request body (`--max-body-bytes`, default 10 MiB); larger gets 413.
     pub max_body_bytes: usize,
     /// Idle upstream connections kept per replica (`--upstream-idle`, default 1024).
@@ -162,6 +187,7 @@ impl Default for GatewayConfig {
             tenant_tokens: None,
             counter_store: CounterStoreSpec::Memory,
             policy: Policy::default(),
+            placement: PlacementMode::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             upstream_idle_per_replica: 1024,
             threads: 0,
@@ -194,7 +220,8 @@ impl std::error::Error for ConfigError {}
 
 /// The gateway's usage text.
 pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...] [--listen ADDR]
-  [--policy affinity|least-loaded|round-robin] [--affinity-header NAME] [--user-header NAME]
+  [--policy affinity|least-loaded|round-robin] [--placement predicted-ttft|requests]
+  [--affinity-header NAME] [--user-header NAME]
   [--tenant-header NAME] [--slo-wait-ms N] [--tenant-rate N/SECS] [--tenant-tokens N/SECS]
   [--counter-store memory|redis://HOST:PORT] [--max-body-bytes N] [--upstream-idle N] [--threads N]";
 
@@ -277,6 +304,18 @@ impl GatewayConfig {
                         _ => {
                             return Err(ConfigError::new(format!(
                                 "--policy {v:?}: expected affinity, least-loaded or round-robin"
+                            )))
+                        }
+                    };
+                }
+                "--placement" => {
+                    let v = value()?;
+                    cfg.placement = match v.as_str() {
+                        "predicted-ttft" | "ttft" => PlacementMode::PredictedTtft,
+                        "requests" => PlacementMode::Requests,
+                        _ => {
+                            return Err(ConfigError::new(format!(
+                                "--placement {v:?}: expected predicted-ttft or requests"
                             )))
                         }
                     };

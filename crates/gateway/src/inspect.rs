@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use replica_router::prefix::{PrefixHasher, PrefixHashes};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
@@ -20,7 +21,7 @@ pub enum ApiKind {
 }
 
 /// What the gateway learns from a valid body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyInfo {
     /// Estimated prompt tokens (text bytes / 4, plus one per token id, plus a few per message).
     pub prompt_tokens: u64,
@@ -28,6 +29,10 @@ pub struct BodyInfo {
     pub max_tokens: Option<u64>,
     /// Whether the client asked for a streamed (SSE) response.
     pub stream: bool,
+    /// Fingerprints of the prompt's leading blocks (the strings of `messages` / `prompt`, in
+    /// order), for cache-aware placement of requests with or without a session key. Hashing is
+    /// bounded by [`PrefixHasher`]'s byte cap whatever the prompt.
+    pub prefix: PrefixHashes,
 }
 
 /// Output tokens assumed when a request gives no `max_tokens`, for the route context's estimate.
@@ -59,6 +64,13 @@ const MAX_DEPTH: u32 = 32;
 /// assert!(inspect_body(ApiKind::Chat, br#"{"model":"m"}"#).unwrap_err().contains("messages"));
 /// assert!(inspect_body(ApiKind::Chat, br#"{"messages":[]}"#).unwrap_err().contains("model"));
 /// assert!(inspect_body(ApiKind::Completion, b"{").is_err());
+/// // Two turns of one conversation share their leading fingerprints.
+/// let system = "You are a careful assistant. ".repeat(40);
+/// let turn1 = format!(r#"{{"model":"m","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"hi"}}]}}"#);
+/// let turn2 = format!(r#"{{"model":"m","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"hi"}},{{"role":"assistant","content":"hello"}},{{"role":"user","content":"more"}}]}}"#);
+/// let (a, b) = (inspect_body(ApiKind::Chat, turn1.as_bytes()).unwrap(), inspect_body(ApiKind::Chat, turn2.as_bytes()).unwrap());
+/// assert!(!a.prefix.is_empty());
+/// assert_eq!(a.prefix.hashes()[0], b.prefix.hashes()[0]);
 /// ```
 pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
     let probe: Probe<'_> =
@@ -68,7 +80,7 @@ pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
         Some(_) => return Err("`model` must not be empty".into()),
         None => return Err("missing field `model`".into()),
     }
-    let text = match kind {
+    let mut text = match kind {
         ApiKind::Chat => probe.messages.ok_or("missing field `messages`")?,
         ApiKind::Completion => probe.prompt.ok_or("missing field `prompt`")?,
     };
@@ -82,10 +94,12 @@ pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
     };
     let prompt_tokens =
         text.bytes / BYTES_PER_TOKEN + text.numbers + text.top_level_items * per_message;
+    let hasher = std::mem::take(&mut text.hasher);
     Ok(BodyInfo {
         prompt_tokens,
         max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
         stream: probe.stream.unwrap_or(false),
+        prefix: hasher.finish().with_tokens(prompt_tokens),
     })
 }
 
@@ -146,6 +160,9 @@ struct TextSize {
     numbers: u64,
     top_level_items: u64,
     top_level_array: bool,
+    /// Fed every string in order, each followed by a record separator, so that `["ab","c"]` and
+    /// `["a","bc"]` differ.
+    hasher: PrefixHasher,
 }
 
 struct Walk<'s> {
@@ -169,6 +186,8 @@ impl<'de> Visitor<'de> for Walk<'_> {
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         self.acc.bytes += v.len() as u64;
+        self.acc.hasher.feed(v.as_bytes());
+        self.acc.hasher.feed(b"\x1e");
         Ok(())
     }
 

@@ -72,8 +72,8 @@ use tokio::task::JoinHandle;
 
 pub use self::body::GatewayBody;
 pub use self::config::{
-    ConfigError, CounterStoreSpec, GatewayConfig, Policy, Rate, ReplicaArg, DEFAULT_MAX_BODY_BYTES,
-    USAGE,
+    ConfigError, CounterStoreSpec, GatewayConfig, PlacementMode, Policy, Rate, ReplicaArg,
+    DEFAULT_MAX_BODY_BYTES, USAGE,
 };
 pub use self::inspect::{inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
 pub use self::service::UpstreamRequest;

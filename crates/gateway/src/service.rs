@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 use pin_project::pin_project;
 
-use replica_router::balance::{LeastInFlight, LoadMeasure, RoundRobin};
+use replica_router::balance::{LeastInFlight, LeastInFlightLayer, LoadMeasure, RoundRobin};
 use replica_router::context::{HeaderExtractor, RouteContextService};
 use replica_router::decision::{Decision, DecisionReason};
 use replica_router::dispatch::Dispatch;
@@ -26,7 +26,7 @@ use replica_router::replica::ReplicaId;
 use replica_router::rng::RngSeed;
 
 use super::body::GatewayBody;
-use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, Policy};
+use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, PlacementMode, Policy};
 use super::inspect::{inspect_body, ApiKind};
 use super::GatewayError;
 use super::MetricsRender;
@@ -36,7 +36,9 @@ use replica_router::affinity::{
 use replica_router::health::{
     Failover, FailoverLayer, OutlierDetection, OutlierDetectionLayer, OutlierDetector,
 };
+use replica_router::load::Placement;
 use replica_router::pins::PinTable;
+use replica_router::prefix::PrefixIndex;
 use replica_router::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
 use replica_router::shed::{Shed, ShedLayer};
 use replica_router::store::{MemoryStore, RateQuota};
@@ -181,12 +183,21 @@ pub(crate) fn build_stack(
 ) -> Result<Stack, GatewayError> {
     let extractor = extractor(cfg);
     let dispatch = Dispatch::new(pool.clone());
+    // One prefix index shared by both picking layers: what was sent where, keyed or not.
+    let (placement, measure) = match cfg.placement {
+        PlacementMode::PredictedTtft => (
+            Placement::predicted_ttft(Arc::new(PrefixIndex::default())),
+            LoadMeasure::InFlightTokens,
+        ),
+        PlacementMode::Requests => (Placement::Load, LoadMeasure::InFlightRequests),
+    };
     let least = || {
-        LeastInFlight::new(
+        tower::Layer::layer(
+            &LeastInFlightLayer::new(pool.clone())
+                .measure(measure)
+                .placement(placement.clone())
+                .seed(RngSeed::from_entropy()),
             dispatch.clone(),
-            pool.clone(),
-            LoadMeasure::default(),
-            RngSeed::from_entropy(),
         )
     };
     let picker = match cfg.policy {
@@ -196,7 +207,10 @@ pub(crate) fn build_stack(
             } else {
                 AffinityKey::Session
             };
-            let mut builder = AffinityLayer::builder(pool.clone()).key(key);
+            let mut builder = AffinityLayer::builder(pool.clone())
+                .key(key)
+                .measure(measure)
+                .placement(placement.clone());
             if let Some(pins) = layers.pins {
                 builder = builder.dyn_pin_table(pins);
             }
@@ -384,6 +398,7 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
             match shared.extractor.extract_headers(&parts.headers) {
                 Ok(mut ctx) => {
                     ctx.estimated_tokens = info.estimated_tokens();
+                    ctx.prefix = Some(info.prefix);
                     Some(ctx)
                 }
                 Err(e) => return route_error(&e),
