@@ -182,11 +182,13 @@ impl<B> Shared<B> {
                 }
                 None => {
                     let (j, _, unc) = choose(None).ok_or_else(|| no_replica(snap))?;
+                    // An unpinned session's first placement is its home: the prediction already
+                    // weighed whatever the prefix index knows of its prompt, so nothing cached is
+                    // left behind. `failover` still says its ring home is out.
                     let home = self.with_ring(snap, |ring| ring.home(hash));
                     let reason = match home {
-                        Some(h) if h == j => DecisionReason::Home,
-                        Some(h) if !view.is_eligible(h) => DecisionReason::Failover,
-                        _ => DecisionReason::Spill,
+                        Some(h) if h != j && !view.is_eligible(h) => DecisionReason::Failover,
+                        _ => DecisionReason::Home,
                     };
                     (j, reason, unc, true)
                 }

@@ -72,7 +72,13 @@ impl TtftModel {
         if let Some(max_age) = self.report_max_age {
             if let Some(report) = replica.state().load_report() {
                 let known = work.prefill_requests();
-                if report.waiting > known && report.is_fresh(Instant::now(), max_age) {
+                // A report taken before this router's latest answer there may count this
+                // router's own (since answered) requests as waiting: only a newer one tells
+                // of work from elsewhere (other gateways, direct clients).
+                let newer = work
+                    .last_first_data()
+                    .is_none_or(|t| report.observed_at > t);
+                if newer && report.waiting > known && report.is_fresh(Instant::now(), max_age) {
                     let avg = if known > 0 {
                         queued / known as f64
                     } else {

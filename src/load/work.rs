@@ -95,6 +95,9 @@ pub struct WorkState {
     /// Cache calibration factor as f64 bits; 0 = no report yet (read as 1.0).
     cache: AtomicU64,
     cache_samples: AtomicU64,
+    /// When the latest first data frame arrived: an engine load report taken before it may
+    /// still count this router's own requests as waiting.
+    last_first_data: parking_lot::Mutex<Option<tokio::time::Instant>>,
 }
 
 fn clamp_rate(r: f64) -> f64 {
@@ -134,6 +137,11 @@ impl WorkState {
     /// A replica with no work and no rate yet.
     pub fn new() -> Self {
         WorkState::default()
+    }
+
+    /// When the latest request on this replica got its first data frame, if any has.
+    pub fn last_first_data(&self) -> Option<tokio::time::Instant> {
+        *self.last_first_data.lock()
     }
 
     /// Uncached prompt tokens of the requests sent and not yet answered with a data frame.
@@ -258,6 +266,7 @@ impl WorkState {
 
     /// The request's first data frame arrived: its prefill is done, it decodes now.
     pub(crate) fn first_data(&self, plan: &WorkPlan) {
+        *self.last_first_data.lock() = Some(tokio::time::Instant::now());
         self.decode_requests.fetch_add(1, Ordering::AcqRel);
         self.decode_tokens
             .fetch_add(plan.output_tokens, Ordering::AcqRel);

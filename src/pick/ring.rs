@@ -475,9 +475,22 @@ impl Bound {
         })
     }
 
-    /// The most load a replica of `weight` may hold after this placement.
+    /// The most load a replica of `weight` may hold after this placement: its share
+    /// `c x (total + cost) x weight / total weight`, rounded up to a whole number of this
+    /// request's cost (the ceiling of Mirrokni-Thorup-Zadimoghaddam's bound in units of one
+    /// request; for unit costs, the plain ceiling). So a replica with nothing in flight always has
+    /// room for the request, whether load counts requests or tokens.
     pub fn capacity(&self, weight: f64) -> f64 {
-        (self.per_weight * weight).ceil()
+        let share = self.per_weight * weight;
+        if self.cost == 1.0 {
+            return share.ceil();
+        }
+        let units = (share / self.cost).ceil();
+        if units.is_finite() {
+            units * self.cost
+        } else {
+            share
+        }
     }
 
     /// Whether a replica with `load` and `weight` has room for this request.

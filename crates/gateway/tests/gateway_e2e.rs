@@ -237,7 +237,7 @@ async fn a_multi_turn_session_keeps_its_replica_and_hits_its_cache() {
         )
         .await;
         assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(resp.headers()["x-replica-affinity"], "home");
+        assert_eq!(resp.headers()["x-replica-affinity"], "home", "turn {turn}");
         let id = resp.headers()["x-replica-id"].to_str().unwrap().to_owned();
         assert_eq!(
             home.get_or_insert_with(|| id.clone()),
