@@ -14,7 +14,7 @@ use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
 use replica_router::load::Placement;
 use replica_router::pool::Pool;
-use replica_router::prefix::PrefixIndex;
+use replica_router::prefix::{PrefixIndex, PrefixIndexConfig};
 use replica_router::rng::RngSeed;
 
 /// The balance factor that stands for "never spill": plain consistent hashing with pins.
@@ -124,6 +124,7 @@ impl Policy {
         &self,
         pool: &Pool<SimBackend>,
         seed: u64,
+        index: PrefixIndexConfig,
     ) -> Result<BoxCloneService<SimRequest, SimStream, RouteError>, AffinityConfigError> {
         let dispatch = Dispatch::with_seed(pool.clone(), RngSeed::fixed(seed ^ 0xD15));
         let least = LeastInFlightLayer::new(pool.clone()).seed(RngSeed::fixed(seed ^ 0x1EA5));
@@ -137,7 +138,7 @@ impl Policy {
                 BoxCloneService::new(ServiceBuilder::new().layer(least).service(dispatch))
             }
             Policy::Ttft { keyed, measure } => {
-                let placement = Placement::predicted_ttft(Arc::new(PrefixIndex::default()));
+                let placement = Placement::predicted_ttft(Arc::new(PrefixIndex::new(index)));
                 let least = least.placement(placement.clone());
                 if keyed {
                     let affinity = AffinityLayer::builder(pool.clone())

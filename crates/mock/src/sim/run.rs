@@ -19,7 +19,7 @@ use replica_router::affinity::AffinityConfigError;
 use replica_router::decision::DecisionReason;
 use replica_router::error::RouteError;
 use replica_router::pool::Pool;
-use replica_router::prefix::PrefixHashes;
+use replica_router::prefix::{PrefixHashes, PrefixIndexConfig};
 use replica_router::replica::PoolError;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::request::RouteRequest;
@@ -186,7 +186,25 @@ async fn run(
         backends.push(backend);
     }
     let pool = builder.build()?;
-    let stack = policy.stack(&pool, options.seed)?;
+    // The router's prefix index is sized like the engines' prefix caches (per unit of weight),
+    // as an operator who knows the engines' cache would configure it.
+    let index = scenario
+        .replicas
+        .iter()
+        .map(|r| {
+            let cache = MockConfig {
+                tp: r.tp,
+                ..scenario.engine.clone()
+            }
+            .prefix_cache_capacity();
+            (cache as f64 / r.weight.max(1e-9)) as u64
+        })
+        .min()
+        .map_or_else(PrefixIndexConfig::default, |per_weight| PrefixIndexConfig {
+            capacity_tokens_per_weight: per_weight.max(1),
+            max_entries_per_replica: 1 << 16,
+        });
+    let stack = policy.stack(&pool, options.seed, index)?;
     let env = Arc::new(Env {
         start,
         block_size: workload.block_size,
