@@ -105,5 +105,4 @@ pub use self::config::{MissingTenant, QuotaConfig, TenantLimits, TokenMeter, Tok
 pub use self::future::QuotaFuture;
 pub use self::layer::QuotaLayer;
 pub use self::service::Quota;
-#[cfg(feature = "redis")]
 pub use crate::store::FailurePolicy;

@@ -186,24 +186,25 @@ async fn run(
         backends.push(backend);
     }
     let pool = builder.build()?;
-    // The router's prefix index is sized like the engines' prefix caches (per unit of weight),
-    // as an operator who knows the engines' cache would configure it.
-    let index = scenario
+    // The router's prefix index: the default (about one TP=2 replica's KV cache per unit of
+    // weight, what the gateway uses) plus the engines' host-memory tier, which an operator who
+    // enabled one would add.
+    let host_per_weight = scenario
         .replicas
         .iter()
         .map(|r| {
-            let cache = MockConfig {
-                tp: r.tp,
-                ..scenario.engine.clone()
-            }
-            .prefix_cache_capacity();
-            (cache as f64 / r.weight.max(1e-9)) as u64
+            let tier = u64::from(r.tp).saturating_mul(scenario.engine.host_cache_tokens_per_gpu);
+            (tier as f64 / r.weight.max(1e-9)) as u64
         })
         .min()
-        .map_or_else(PrefixIndexConfig::default, |per_weight| PrefixIndexConfig {
-            capacity_tokens_per_weight: per_weight.max(1),
-            max_entries_per_replica: 1 << 16,
-        });
+        .unwrap_or(0);
+    let defaults = PrefixIndexConfig::default();
+    let index = PrefixIndexConfig {
+        capacity_tokens_per_weight: defaults
+            .capacity_tokens_per_weight
+            .saturating_add(host_per_weight),
+        ..defaults
+    };
     let stack = policy.stack(&pool, options.seed, index)?;
     let env = Arc::new(Env {
         start,
