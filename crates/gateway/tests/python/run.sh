@@ -5,7 +5,7 @@
 # Exit codes: 0 passed, 1 failed, 77 the venv could not be created (no python3-venv or no package index).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
+repo="$(cd "$here/../../../.." && pwd)"  # the workspace root (crates/gateway/tests/python)
 venv="${OPENAI_VENV:-${CARGO_TARGET_DIR:-$repo/target}/openai-venv}"
 if ! "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
     echo "creating $venv with the openai package" >&2
