@@ -47,7 +47,8 @@ fn ttft_stack(pool: &Pool<ScriptedBackend>, keyed: bool) -> Stack {
     let least = LeastInFlightLayer::new(pool.clone())
         .seed(RngSeed::fixed(7))
         .placement(placement.clone());
-    let dispatch = Dispatch::new(pool.clone());
+    // The backends see the work plan (a `Script::Prefill` engine answers by it).
+    let dispatch = Dispatch::new(pool.clone()).extensions_to_backend(true);
     if keyed {
         let affinity = AffinityLayer::builder(pool.clone())
             .measure(LoadMeasure::InFlightTokens)
@@ -86,10 +87,22 @@ fn hold(pool: &Pool<ScriptedBackend>, id: &str, tokens: u64) -> tokio::task::Joi
 
 /// Sends one turn whose prompt is the first `blocks` blocks of `chain`; returns its replica.
 async fn turn(stack: &mut Stack, session: Option<&str>, chain: &[u64], blocks: usize) -> String {
-    let mut req = request(Script::Stream {
+    let script = Script::Stream {
         chunks: 1,
         delay_ms: 0,
-    });
+    };
+    turn_with(stack, session, chain, blocks, script).await
+}
+
+/// [`turn`] against replicas answering as `script` says.
+async fn turn_with(
+    stack: &mut Stack,
+    session: Option<&str>,
+    chain: &[u64],
+    blocks: usize,
+    script: Script,
+) -> String {
+    let mut req = request(script);
     let tokens = blocks as u64 * 16;
     req.set_route_context(RouteContext {
         session: session.map(|s| s.to_owned().into()),
@@ -235,19 +248,36 @@ async fn a_new_session_avoids_the_replica_with_queued_prefill() {
     h.abort();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keyless_requests_follow_their_prefix() {
     let pool = pool(4);
     let mut stack = ttft_stack(&pool, false);
+    // Replicas with a fixed cost per request (30 ms) and 40k tokens/s of prefill, so the rates
+    // they teach are real; a cache hit is answered sooner than a cold prompt.
+    let engine = Script::Prefill {
+        overhead_ms: 30,
+        tokens_per_s: 40_000,
+    };
     // Four conversations without session keys, each replayed in full and growing by turn.
-    let chains: Vec<Vec<u64>> = (0..4).map(|s| chain(s + 10, 400)).collect();
+    let chains: Vec<Vec<u64>> = (0..4).map(|s| chain(s + 10, 800)).collect();
     let mut homes = Vec::new();
     for c in &chains {
-        homes.push(turn(&mut stack, None, c, 100).await);
+        homes.push(turn_with(&mut stack, None, c, 100, engine).await);
     }
-    for t in 1..6 {
+    for t in 1..12 {
         for (c, home) in chains.iter().zip(&homes) {
-            assert_eq!(&turn(&mut stack, None, c, 100 + 50 * t).await, home);
+            let got = turn_with(&mut stack, None, c, 100 + 50 * t, engine).await;
+            assert_eq!(&got, home, "turn {t}");
+        }
+    }
+    // The replicas taught their real speed and fixed cost, cache hits and cold prompts alike.
+    for r in pool.snapshot().replicas() {
+        let w = r.state().work();
+        if w.rate_samples() >= 10 {
+            let rate = w.rate().unwrap();
+            assert!((30_000.0..50_000.0).contains(&rate), "{}: {rate}", r.id());
+            let o = w.overhead().as_secs_f64();
+            assert!((0.025..0.035).contains(&o), "{}: {o}", r.id());
         }
     }
 }

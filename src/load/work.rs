@@ -15,8 +15,10 @@
 //!   its first data frame against the prefill work that was ahead of it plus its own. It starts
 //!   at a seed (capacity weight x a base rate, set by [`TtftModel`](super::predict::TtftModel)),
 //!   so a TP=4 replica beside TP=2 ones, or a throttled one, is measured rather than assumed.
-//!   Every sample is clamped to `[MIN_RATE, MAX_RATE]`, so the rate stays finite and positive
-//!   under any timing;
+//!   The average is taken in log space with each sample's pull bounded
+//!   ([`RATE_MAX_STEP`]), so one outlier (a stall, a prompt served from a cache the router did not
+//!   know of) cannot swing it; every sample is clamped to `[MIN_RATE, MAX_RATE]`, so the rate
+//!   stays finite and positive under any timing;
 //! - a **cache calibration**: an EWMA of `reported cached tokens / predicted cached tokens`, fed by
 //!   [`WorkState::observe_cached`] from the engine's own `usage.prompt_tokens_details.cached_tokens`,
 //!   which scales what the router's prefix index predicts for this replica.
@@ -40,8 +42,13 @@ pub const MAX_RATE: f64 = 1e9;
 /// Prefill work (own plus ahead) below which a time-to-first-data sample is not used to fit the
 /// rate: fixed latencies dominate short prompts.
 pub const MIN_SAMPLE_TOKENS: u64 = 256;
-/// Weight of the newest sample in the rate EWMA.
+/// Weight of the newest sample in the rate EWMA (taken in log space).
 const RATE_ALPHA: f64 = 0.2;
+/// A rate sample counts as at most this factor away from the current rate: one outlier (a
+/// pause, a network stall, a prompt that was served from cache) moves the rate by at most
+/// `RATE_MAX_STEP^RATE_ALPHA` (about 1.5x), while a real change is still followed within a few
+/// samples.
+pub const RATE_MAX_STEP: f64 = 8.0;
 /// Weight of the newest sample in the cache-calibration EWMA.
 const CACHE_ALPHA: f64 = 0.1;
 /// Range of the cache calibration factor.
@@ -98,6 +105,62 @@ pub struct WorkState {
     /// When the latest first data frame arrived: an engine load report taken before it may
     /// still count this router's own requests as waiting.
     last_first_data: parking_lot::Mutex<Option<tokio::time::Instant>>,
+    /// The line fitted through (prefill work, time to first data) samples.
+    fit: parking_lot::Mutex<LatencyFit>,
+}
+
+/// Weight each older sample keeps per new one in the latency fit (about 20 samples' memory).
+const FIT_DECAY: f64 = 0.95;
+/// Decayed sample weight the fit needs before its line is trusted.
+const FIT_MIN_WEIGHT: f64 = 4.0;
+/// Spread of the work (coefficient of variation) the fit needs before its slope is trusted.
+const FIT_MIN_SPREAD: f64 = 0.2;
+
+/// An exponentially forgetting least-squares line `time = overhead + work / rate` through the
+/// samples: the time to first data of a short prompt is mostly fixed cost (network, HTTP,
+/// tokenizing, one engine step), and a plain `work / time` ratio would make a replica that
+/// serves cache hits (little work each) look slow and push traffic off its cache.
+#[derive(Debug, Default, Clone, Copy)]
+struct LatencyFit {
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+    /// The latest trusted intercept, seconds (0 until the line is trusted).
+    overhead: f64,
+}
+
+impl LatencyFit {
+    /// Adds a sample; returns the rate it implies (tokens/s), or `None` when it says nothing
+    /// (work entirely hidden in the fixed cost).
+    fn add(&mut self, work: f64, secs: f64) -> Option<f64> {
+        self.w = self.w * FIT_DECAY + 1.0;
+        self.x = self.x * FIT_DECAY + work;
+        self.y = self.y * FIT_DECAY + secs;
+        self.xx = self.xx * FIT_DECAY + work * work;
+        self.xy = self.xy * FIT_DECAY + work * secs;
+        let mx = self.x / self.w;
+        let my = self.y / self.w;
+        let var = self.xx / self.w - mx * mx;
+        if self.w >= FIT_MIN_WEIGHT && var > (FIT_MIN_SPREAD * mx).powi(2) {
+            let slope = (self.xy / self.w - mx * my) / var;
+            let overhead = my - slope * mx;
+            if slope > 0.0 && overhead.is_finite() {
+                self.overhead = overhead.clamp(0.0, my);
+                return Some(1.0 / slope);
+            }
+        }
+        // Too little spread for a line: the ratio, net of the fixed cost learned so far.
+        let net = secs - self.overhead;
+        if net > 0.0 {
+            Some(work / net)
+        } else if secs > 0.0 {
+            None
+        } else {
+            Some(MAX_RATE)
+        }
+    }
 }
 
 fn clamp_rate(r: f64) -> f64 {
@@ -107,15 +170,18 @@ fn clamp_rate(r: f64) -> f64 {
     r.clamp(MIN_RATE, MAX_RATE)
 }
 
-/// `cell = cell + alpha (sample - cell)`, or `cell = sample` while it is 0.
-fn ewma(cell: &AtomicU64, sample: f64, alpha: f64) {
+/// A robust EWMA of a positive quantity: the geometric mean moves by `alpha` of the sample's
+/// log distance, that distance clamped to `ln(max_step)`; `cell = sample` while it is 0.
+fn log_ewma(cell: &AtomicU64, sample: f64, alpha: f64, max_step: f64) {
+    let limit = max_step.ln();
     let mut cur = cell.load(Ordering::Relaxed);
     loop {
         let old = f64::from_bits(cur);
-        let new = if old == 0.0 {
+        let new = if old <= 0.0 || !old.is_finite() {
             sample
         } else {
-            old + alpha * (sample - old)
+            let step = (sample / old).ln().clamp(-limit, limit);
+            clamp_rate(old * (alpha * step).exp())
         };
         match cell.compare_exchange_weak(cur, new.to_bits(), Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => return,
@@ -134,6 +200,12 @@ fn sub(cell: &AtomicU64, n: u64) {
 }
 
 impl WorkState {
+    /// The fixed cost per request the latency fit found (the line's intercept), zero until the
+    /// samples spread enough to fit a line.
+    pub fn overhead(&self) -> Duration {
+        Duration::try_from_secs_f64(self.fit.lock().overhead).unwrap_or_default()
+    }
+
     /// A replica with no work and no rate yet.
     pub fn new() -> Self {
         WorkState::default()
@@ -191,20 +263,20 @@ impl WorkState {
     }
 
     /// Folds in one request's time to first data frame: `tokens` of prefill work (the work ahead
-    /// of it when it was sent, plus its own) took `elapsed`. Samples under
-    /// [`MIN_SAMPLE_TOKENS`] are ignored; every sample is clamped to
-    /// `[MIN_RATE, MAX_RATE]`, so the rate stays finite and positive.
+    /// of it when it was sent, plus its own) took `elapsed`. The samples are fitted with a line
+    /// `time = overhead + work / rate`, so the fixed cost of a request (network, HTTP, one
+    /// engine step) does not read as slow prefill; the rate each sample implies is then
+    /// averaged robustly (see [`RATE_MAX_STEP`]). Samples under [`MIN_SAMPLE_TOKENS`] are
+    /// ignored; every sample is clamped to `[MIN_RATE, MAX_RATE]`, so the rate stays finite and
+    /// positive.
     pub fn observe_prefill(&self, tokens: u64, elapsed: Duration) {
         if tokens < MIN_SAMPLE_TOKENS {
             return;
         }
-        let secs = elapsed.as_secs_f64();
-        let sample = if secs > 0.0 {
-            clamp_rate(tokens as f64 / secs)
-        } else {
-            MAX_RATE
+        let Some(sample) = self.fit.lock().add(tokens as f64, elapsed.as_secs_f64()) else {
+            return;
         };
-        ewma(&self.rate, sample, RATE_ALPHA);
+        log_ewma(&self.rate, clamp_rate(sample), RATE_ALPHA, RATE_MAX_STEP);
         self.rate_samples.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -298,11 +370,48 @@ mod tests {
         w.observe_prefill(20_000, Duration::from_secs(1));
         let r = w.rate().unwrap();
         assert!(r > 10_000.0 && r < 20_000.0, "{r}");
+        // One outlier moves the rate by a bounded factor, however far off it is.
+        let before = w.rate().unwrap();
+        w.observe_prefill(1_000_000, Duration::from_micros(1));
+        let after = w.rate().unwrap();
+        let bound = RATE_MAX_STEP.powf(RATE_ALPHA) * 1.000_001;
+        assert!(
+            after > before && after <= before * bound,
+            "{before} -> {after}"
+        );
+        w.observe_prefill(300, Duration::from_secs(3_000));
+        let r = w.rate().unwrap();
+        assert!(r < after && r >= after / bound, "{after} -> {r}");
         // Too little work to learn from.
         w.observe_prefill(10, Duration::from_secs(100));
         assert_eq!(w.rate().unwrap(), r);
         w.observe_prefill(1_000, Duration::ZERO);
         assert!(w.rate().unwrap().is_finite());
+    }
+
+    #[test]
+    fn a_fixed_cost_does_not_read_as_slow_prefill() {
+        // A replica with 40 ms of fixed cost per request and 50k tokens/s of prefill: short
+        // prompts (cache hits) and long ones alike must teach the same rate.
+        let w = WorkState::new();
+        w.rate_or_seed(10_000.0);
+        for i in 0..60u64 {
+            let work = [500, 4_000, 30_000][(i % 3) as usize];
+            w.observe_prefill(
+                work,
+                Duration::from_secs_f64(0.040 + work as f64 / 50_000.0),
+            );
+        }
+        let r = w.rate().unwrap();
+        assert!((45_000.0..55_000.0).contains(&r), "{r}");
+        let o = w.overhead().as_secs_f64();
+        assert!((0.035..0.045).contains(&o), "{o}");
+        // Only short prompts now: the ratio net of the learned fixed cost keeps the rate.
+        for _ in 0..40 {
+            w.observe_prefill(600, Duration::from_secs_f64(0.040 + 600.0 / 50_000.0));
+        }
+        let r = w.rate().unwrap();
+        assert!((40_000.0..60_000.0).contains(&r), "{r}");
     }
 
     #[test]

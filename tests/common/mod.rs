@@ -25,6 +25,10 @@ pub enum Script {
     Panic,
     /// Waits before answering.
     Slow { delay_ms: u64 },
+    /// Like an engine serving one request at a time: the first data frame comes after a fixed
+    /// cost plus the request's planned prefill ([`WorkPlan`] in its extensions, the whole
+    /// estimate without one) at `tokens_per_s`.
+    Prefill { overhead_ms: u64, tokens_per_s: u64 },
 }
 
 impl Script {
@@ -35,6 +39,10 @@ impl Script {
             Script::ServerError => "500".into(),
             Script::Panic => "panic".into(),
             Script::Slow { delay_ms } => format!("slow:{delay_ms}"),
+            Script::Prefill {
+                overhead_ms,
+                tokens_per_s,
+            } => format!("prefill:{overhead_ms}:{tokens_per_s}"),
         }
     }
 
@@ -50,6 +58,10 @@ impl Script {
             ["panic"] => Script::Panic,
             ["slow", d] => Script::Slow {
                 delay_ms: d.parse().unwrap(),
+            },
+            ["prefill", o, r] => Script::Prefill {
+                overhead_ms: o.parse().unwrap(),
+                tokens_per_s: r.parse().unwrap(),
             },
             _ => Script::Stream {
                 chunks: 1,
@@ -150,8 +162,29 @@ impl tower::Service<http::Request<()>> for ScriptedBackend {
                 },
                 Script::parse,
             );
+        let prefill = req
+            .extensions()
+            .get::<replica_router::load::WorkPlan>()
+            .map(|p| p.prefill_tokens)
+            .or_else(|| {
+                req.extensions()
+                    .get::<replica_router::context::RouteContext>()
+                    .map(|c| c.estimated_tokens)
+            })
+            .unwrap_or(0);
         Box::pin(async move {
             match script {
+                Script::Prefill {
+                    overhead_ms,
+                    tokens_per_s,
+                } => {
+                    let secs =
+                        overhead_ms as f64 / 1e3 + prefill as f64 / tokens_per_s.max(1) as f64;
+                    Ok(http::Response::new(ChunkBody::new(
+                        1,
+                        Duration::from_secs_f64(secs),
+                    )))
+                }
                 Script::Stream { chunks, delay_ms } => Ok(http::Response::new(ChunkBody::new(
                     chunks,
                     Duration::from_millis(delay_ms),
