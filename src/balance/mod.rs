@@ -53,5 +53,7 @@ mod layer;
 mod service;
 
 pub use self::layer::{LeastInFlightLayer, RoundRobinLayer};
-pub use self::service::{pick_ttft, LeastInFlight, RoundRobin};
+pub use self::service::{
+    pick_ttft, LeastInFlight, LeastInFlightPicker, Pick, Picking, RoundRobin, RoundRobinPicker,
+};
 pub use crate::pool::LoadMeasure;

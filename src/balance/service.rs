@@ -8,75 +8,53 @@ use crate::decision::{Decision, DecisionReason};
 use crate::error::RouteError;
 use crate::future::RouteFuture;
 use crate::load::predict::{push_indexed, Candidates, TtftRequest};
-use crate::load::{Placement, TtftPlacement};
+use crate::load::{Placement, TtftPlacement, WorkPlan};
 use crate::pick::{least_loaded_scan, no_replica, pick_two_choices};
 use crate::pool::{LoadMeasure, Pool, PoolSnapshot};
 use crate::request::RouteRequest;
 use crate::rng::RngSeed;
 
-/// Weighted least-in-flight picking; made by [`LeastInFlightLayer`](super::LeastInFlightLayer).
-#[derive(Debug)]
-pub struct LeastInFlight<S, B> {
+/// A picking policy: what a picking layer does to a request no outer layer has decided yet.
+///
+/// [`Picking`] is the one tower service every picking layer of this module builds: it forwards
+/// readiness to the inner service and, for a request without a [`Decision`], asks its picker.
+/// Implement it to write a picking policy of your own.
+pub trait Pick {
+    /// Records a decision (and whatever else the policy writes, such as a work plan) on `req`,
+    /// which carries none yet; an error fails the request.
+    fn decide<Req: RouteRequest>(&mut self, req: &mut Req) -> Result<(), RouteError>;
+}
+
+/// The service of a picking layer: `picker` decides requests that carry no decision, then
+/// `inner` (usually [`Dispatch`](crate::dispatch::Dispatch)) sends them.
+#[derive(Debug, Clone)]
+pub struct Picking<S, P> {
     inner: S,
-    pool: Pool<B>,
-    measure: LoadMeasure,
-    placement: Placement,
-    seed: RngSeed,
-    rng: SmallRng,
+    picker: P,
 }
 
-impl<S, B> LeastInFlight<S, B> {
-    /// Wraps `inner`, picking among `pool`'s replicas.
-    pub fn new(inner: S, pool: Pool<B>, measure: LoadMeasure, seed: RngSeed) -> Self {
-        let rng = seed.fork();
-        LeastInFlight {
-            inner,
-            pool,
-            measure,
-            placement: Placement::Load,
-            seed,
-            rng,
-        }
+impl<S, P> Picking<S, P> {
+    /// Wraps `inner`, deciding with `picker`.
+    pub fn from_parts(inner: S, picker: P) -> Self {
+        Picking { inner, picker }
     }
 
-    /// The same service placing by `placement` (see [`LeastInFlightLayer::placement`](super::LeastInFlightLayer::placement)).
-    pub fn with_placement(mut self, placement: Placement) -> Self {
-        self.placement = placement;
-        self
+    /// The picking policy.
+    pub fn picker(&self) -> &P {
+        &self.picker
     }
 
-    /// Picks a replica for a request with no decision; `None` when none is eligible.
-    pub fn pick(&mut self) -> Result<Decision, RouteError> {
-        let snap = self.pool.load();
-        match pick_two_choices(&snap, self.measure, &mut self.rng) {
-            Some(i) => Ok(Decision::at_slot(
-                snap.replicas()[i].id().clone(),
-                DecisionReason::LeastLoaded,
-                snap.version(),
-                i,
-            )),
-            None => Err(no_replica(&snap)),
-        }
+    /// The picking policy, mutably.
+    pub fn picker_mut(&mut self) -> &mut P {
+        &mut self.picker
     }
 }
 
-impl<S: Clone, B> Clone for LeastInFlight<S, B> {
-    fn clone(&self) -> Self {
-        LeastInFlight {
-            inner: self.inner.clone(),
-            pool: self.pool.clone(),
-            measure: self.measure,
-            placement: self.placement.clone(),
-            seed: self.seed.clone(),
-            rng: self.seed.fork(),
-        }
-    }
-}
-
-impl<S, B, Req> tower::Service<Req> for LeastInFlight<S, B>
+impl<S, P, Req> tower::Service<Req> for Picking<S, P>
 where
     S: tower::Service<Req>,
     S::Error: Into<RouteError>,
+    P: Pick,
     Req: RouteRequest,
 {
     type Response = S::Response;
@@ -89,38 +67,120 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         if req.decision().is_none() {
-            if let Placement::PredictedTtft(tp) = &self.placement {
-                let picked = {
-                    let snap = self.pool.load();
-                    let r = tp.request(req.route_context());
-                    pick_ttft(&snap, tp, &r, &mut self.rng)
-                        .ok_or_else(|| no_replica(&snap))
-                        .map(|(i, unc)| {
-                            let replica = &snap.replicas()[i];
-                            let plan = tp.record(&r, replica, unc);
-                            let d = Decision::at_slot(
-                                replica.id().clone(),
-                                DecisionReason::LeastLoaded,
-                                snap.version(),
-                                i,
-                            );
-                            (d, plan)
-                        })
-                };
-                match picked {
-                    Ok((d, plan)) => {
-                        req.set_decision(d);
-                        req.extensions_mut().insert(plan);
-                    }
-                    Err(e) => return RouteFuture::failed(e),
-                }
-                return RouteFuture::new(self.inner.call(req));
+            if let Err(e) = self.picker.decide(&mut req) {
+                return RouteFuture::failed(e);
             }
         }
-        if let Err(e) = decide(&mut req, || self.pick()) {
-            return RouteFuture::failed(e);
-        }
         RouteFuture::new(self.inner.call(req))
+    }
+}
+
+/// Weighted least-in-flight picking; made by [`LeastInFlightLayer`](super::LeastInFlightLayer).
+pub type LeastInFlight<S, B> = Picking<S, LeastInFlightPicker<B>>;
+
+/// Round-robin picking; made by [`RoundRobinLayer`](super::RoundRobinLayer).
+pub type RoundRobin<S, B> = Picking<S, RoundRobinPicker<B>>;
+
+/// The policy of [`LeastInFlight`]: the less loaded of two replicas sampled by weight, or the
+/// least predicted TTFT under [`Placement::PredictedTtft`].
+#[derive(Debug)]
+pub struct LeastInFlightPicker<B> {
+    pool: Pool<B>,
+    measure: LoadMeasure,
+    placement: Placement,
+    seed: RngSeed,
+    rng: SmallRng,
+}
+
+impl<B> Clone for LeastInFlightPicker<B> {
+    fn clone(&self) -> Self {
+        LeastInFlightPicker {
+            pool: self.pool.clone(),
+            measure: self.measure,
+            placement: self.placement.clone(),
+            seed: self.seed.clone(),
+            rng: self.seed.fork(),
+        }
+    }
+}
+
+impl<B> LeastInFlightPicker<B> {
+    /// Picks among `pool`'s replicas by `measure`, drawing from `seed`.
+    pub fn new(pool: Pool<B>, measure: LoadMeasure, seed: RngSeed) -> Self {
+        let rng = seed.fork();
+        LeastInFlightPicker {
+            pool,
+            measure,
+            placement: Placement::Load,
+            seed,
+            rng,
+        }
+    }
+
+    /// Picks a replica by load alone (two weighted samples, the less loaded).
+    pub fn pick(&mut self) -> Result<Decision, RouteError> {
+        let snap = self.pool.load();
+        match pick_two_choices(&snap, self.measure, &mut self.rng) {
+            Some(i) => Ok(Decision::at_slot(
+                snap.replicas()[i].id().clone(),
+                DecisionReason::LeastLoaded,
+                snap.version(),
+                i,
+            )),
+            None => Err(no_replica(&snap)),
+        }
+    }
+
+    /// Picks by predicted TTFT, returning the decision and the work plan to count.
+    fn pick_by_ttft(
+        pool: &Pool<B>,
+        rng: &mut SmallRng,
+        tp: &TtftPlacement,
+        ctx: Option<&crate::context::RouteContext>,
+    ) -> Result<(Decision, WorkPlan), RouteError> {
+        let snap = pool.load();
+        let r = tp.request(ctx);
+        let (i, unc) = pick_ttft(&snap, tp, &r, rng).ok_or_else(|| no_replica(&snap))?;
+        let replica = &snap.replicas()[i];
+        let plan = tp.record(&r, replica, unc);
+        let d = Decision::at_slot(
+            replica.id().clone(),
+            DecisionReason::LeastLoaded,
+            snap.version(),
+            i,
+        );
+        Ok((d, plan))
+    }
+}
+
+impl<B> Pick for LeastInFlightPicker<B> {
+    fn decide<Req: RouteRequest>(&mut self, req: &mut Req) -> Result<(), RouteError> {
+        if let Placement::PredictedTtft(tp) = &self.placement {
+            let (d, plan) = Self::pick_by_ttft(&self.pool, &mut self.rng, tp, req.route_context())?;
+            req.set_decision(d);
+            req.extensions_mut().insert(plan);
+        } else {
+            req.set_decision(self.pick()?);
+        }
+        Ok(())
+    }
+}
+
+impl<S, B> LeastInFlight<S, B> {
+    /// Wraps `inner`, picking among `pool`'s replicas.
+    pub fn new(inner: S, pool: Pool<B>, measure: LoadMeasure, seed: RngSeed) -> Self {
+        Picking::from_parts(inner, LeastInFlightPicker::new(pool, measure, seed))
+    }
+
+    /// The same service placing by `placement` (see [`LeastInFlightLayer::placement`](super::LeastInFlightLayer::placement)).
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.picker.placement = placement;
+        self
+    }
+
+    /// Picks a replica for a request with no decision by load alone.
+    pub fn pick(&mut self) -> Result<Decision, RouteError> {
+        self.picker.pick()
     }
 }
 
@@ -157,35 +217,33 @@ pub fn pick_ttft<B, R: rand::Rng + ?Sized>(
     best.map(|(i, _, unc)| (i, unc))
 }
 
-/// Round-robin picking; made by [`RoundRobinLayer`](super::RoundRobinLayer).
+/// The policy of [`RoundRobin`]: the next eligible replica in turn; clones share the rotation.
 #[derive(Debug)]
-pub struct RoundRobin<S, B> {
-    inner: S,
+pub struct RoundRobinPicker<B> {
     pool: Pool<B>,
     next: Arc<AtomicUsize>,
 }
 
-impl<S: Clone, B> Clone for RoundRobin<S, B> {
+impl<B> Clone for RoundRobinPicker<B> {
     fn clone(&self) -> Self {
-        RoundRobin {
-            inner: self.inner.clone(),
+        RoundRobinPicker {
             pool: self.pool.clone(),
             next: self.next.clone(),
         }
     }
 }
 
-impl<S, B> RoundRobin<S, B> {
-    /// Wraps `inner`, rotating over `pool`'s eligible replicas. Clones share the rotation.
-    pub fn new(inner: S, pool: Pool<B>) -> Self {
-        RoundRobin {
-            inner,
+impl<B> RoundRobinPicker<B> {
+    /// Rotates over `pool`'s eligible replicas.
+    pub fn new(pool: Pool<B>) -> Self {
+        RoundRobinPicker {
             pool,
             next: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    fn pick(&self) -> Result<Decision, RouteError> {
+    /// The next eligible replica.
+    pub fn pick(&self) -> Result<Decision, RouteError> {
         let snap = self.pool.load();
         let eligible = snap.eligible();
         for _ in 0..eligible.len() {
@@ -205,36 +263,16 @@ impl<S, B> RoundRobin<S, B> {
     }
 }
 
-impl<S, B, Req> tower::Service<Req> for RoundRobin<S, B>
-where
-    S: tower::Service<Req>,
-    S::Error: Into<RouteError>,
-    Req: RouteRequest,
-{
-    type Response = S::Response;
-    type Error = RouteError;
-    type Future = RouteFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, mut req: Req) -> Self::Future {
-        if let Err(e) = decide(&mut req, || self.pick()) {
-            return RouteFuture::failed(e);
-        }
-        RouteFuture::new(self.inner.call(req))
+impl<B> Pick for RoundRobinPicker<B> {
+    fn decide<Req: RouteRequest>(&mut self, req: &mut Req) -> Result<(), RouteError> {
+        req.set_decision(self.pick()?);
+        Ok(())
     }
 }
 
-/// Records `pick()`'s decision on a request that has none yet; a request already decided by an
-/// outer picking layer passes untouched.
-fn decide<Req: RouteRequest>(
-    req: &mut Req,
-    pick: impl FnOnce() -> Result<Decision, RouteError>,
-) -> Result<(), RouteError> {
-    if req.decision().is_none() {
-        req.set_decision(pick()?);
+impl<S, B> RoundRobin<S, B> {
+    /// Wraps `inner`, rotating over `pool`'s eligible replicas. Clones share the rotation.
+    pub fn new(inner: S, pool: Pool<B>) -> Self {
+        Picking::from_parts(inner, RoundRobinPicker::new(pool))
     }
-    Ok(())
 }
