@@ -16,7 +16,12 @@
 # vllm:prefix_cache_* counters), the busiest replica's share of computed prefill tokens, errors
 # (summed), and per-round ratios to the best peer (sglang-* / vllm-*) of the same round and variant.
 #
-# usage: scripts/bench_quality.sh [--runs N] [--replicas N] [--trace FILE] [--speed X]
+# --gateways N runs N routers of each kind side by side in front of the same replicas, the replay
+# spreading requests over them in turn (as an L4 balancer would, whatever the session); this
+# crate's gateways then share one redis-server (--counter-store redis://..., so pins and quotas are
+# cluster-wide); the peers have no shared state to give.
+#
+# usage: scripts/bench_quality.sh [--runs N] [--replicas N] [--gateways N] [--trace FILE] [--speed X]
 #            [--time-scale X] [--only name,name] [--variants keyed,nosession] [--out FILE]
 # env:   PEERS_VENV (default /work/peers-venv if present, else ~/.cache/replica-router/peers-venv)
 #        NO_INSTALL=1 to never install anything (fail instead); NO_BUILD=1 to use built binaries
@@ -32,6 +37,7 @@ REPLAY_BIN=replay
 
 RUNS=1
 REPLICAS=4
+GATEWAYS=1
 TRACE=""
 SPEED=2
 TIME_SCALE=5
@@ -43,19 +49,22 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS="$2"; shift 2 ;;
         --replicas) REPLICAS="$2"; shift 2 ;;
+        --gateways) GATEWAYS="$2"; shift 2 ;;
         --trace) TRACE="$2"; shift 2 ;;
         --speed) SPEED="$2"; shift 2 ;;
         --time-scale) TIME_SCALE="$2"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --variants) VARIANTS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
 case "$RUNS" in ''|*[!0-9]*|0) echo "--runs must be a positive integer" >&2; exit 2 ;; esac
 case "$REPLICAS" in ''|*[!0-9]*|0) echo "--replicas must be a positive integer" >&2; exit 2 ;; esac
 [ "$REPLICAS" -le 64 ] || { echo "--replicas: at most 64" >&2; exit 2; }
+case "$GATEWAYS" in ''|*[!0-9]*|0) echo "--gateways must be a positive integer" >&2; exit 2 ;; esac
+[ "$GATEWAYS" -le 8 ] || { echo "--gateways: at most 8" >&2; exit 2; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ -n "$TRACE" ] || TRACE="$REPO/tests/fixtures/replay_trace.jsonl"
@@ -83,6 +92,10 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
 fi
 GW="$REPO/$BIN_DIR/$GW_BIN"; MOCK="$REPO/$BIN_DIR/$MOCK_BIN"; REPLAY="$REPO/$BIN_DIR/$REPLAY_BIN"
 for b in "$GW" "$MOCK" "$REPLAY"; do [ -x "$b" ] || { log "missing $b"; exit 1; }; done
+if [ "$GATEWAYS" -gt 1 ] && ! command -v redis-server >/dev/null; then
+    [ "${NO_INSTALL:-0}" = 1 ] && { log "--gateways $GATEWAYS needs redis-server"; exit 1; }
+    apt-get update -qq >&2; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2
+fi
 
 # ---------------------------------------------------------------- scratch, processes, cleanup
 TMP="$(mktemp -d /tmp/bench_quality.XXXXXX)"
@@ -150,10 +163,11 @@ for t in gw-affinity gw-least sglang-ca vllm-ch vllm-rr; do want "$t" && TARGETS
 IFS=, read -r -a VARS <<<"$VARIANTS"
 for v in "${VARS[@]}"; do case "$v" in keyed|nosession) ;; *) log "unknown variant $v"; exit 2 ;; esac; done
 
-# start_router NAME PORT URL...: starts the router and sets STARTED.
+# start_router NAME PORT STORE URL...: starts the router and sets STARTED; STORE is this crate's
+# --counter-store value ("memory" or redis://...), ignored by the peers.
 start_router() {
-    local name="$1" port="$2"; shift 2
-    local u gw_args=()
+    local name="$1" port="$2" store="$3"; shift 3
+    local u gw_args=(--counter-store "$store")
     for u in "$@"; do gw_args+=(--replica "$u"); done
     local mport; mport="$(free_ports 1)"
     case "$name" in
@@ -178,14 +192,13 @@ ts = [json.loads(l)['timestamp'] for l in open(sys.argv[1]) if l.strip()]
 print(int((max(ts) - min(ts)) / 1000 / float(sys.argv[2])) + 1)" "$TRACE" "$SPEED")"
 RUN_LIMIT=$((SPAN_S + 120))
 NREQ="$(grep -c . "$TRACE")"
-log "trace $TRACE: $NREQ requests over ${SPAN_S} s at --speed $SPEED; $REPLICAS replicas at --time-scale $TIME_SCALE"
+log "trace $TRACE: $NREQ requests over ${SPAN_S} s at --speed $SPEED; $REPLICAS replicas at --time-scale $TIME_SCALE; $GATEWAYS router(s) of each kind"
 log "targets ${TARGETS[*]}; variants ${VARS[*]}; $RUNS round(s): about $(( (SPAN_S + 8) * ${#TARGETS[@]} * ${#VARS[@]} * RUNS / 60 + 1 )) min"
 
 run_one() { # run_one TARGET VARIANT ROUND
     local target="$1" variant="$2" round="$3"
-    local ports mock_pg router_pg rport i urls=() metrics=() extra=()
-    read -r -a ports <<<"$(free_ports $((REPLICAS + 1)))"
-    rport="${ports[$REPLICAS]}"
+    local ports mock_pg router_pgs=() redis_pg="" i urls=() metrics=() extra=() gw_urls=() store=memory
+    read -r -a ports <<<"$(free_ports $((REPLICAS + GATEWAYS + 1)))"
     local plist; plist="$(IFS=,; echo "${ports[*]:0:$REPLICAS}")"
     start "mock-$target-$variant-$round" "$MOCK" --ports "$plist" --time-scale "$TIME_SCALE" --model "$MODEL"
     mock_pg="$STARTED"
@@ -194,18 +207,37 @@ run_one() { # run_one TARGET VARIANT ROUND
         metrics+=(--replica-metrics "http://127.0.0.1:${ports[$i]}")
         wait_ready "mock-$target-$variant-$round" "${ports[$i]}" /health || { stop "$mock_pg"; return 1; }
     done
-    start_router "$target" "$rport" "${urls[@]}"
-    router_pg="$STARTED"
-    if ! wait_ready "$target" "$rport" chat; then stop "$router_pg"; stop "$mock_pg"; return 1; fi
+    if [ "$GATEWAYS" -gt 1 ] && [[ "$target" == gw-* ]]; then
+        local redis_port="${ports[$((REPLICAS + GATEWAYS))]}"
+        start "redis-$target-$variant-$round" redis-server --port "$redis_port" --bind 127.0.0.1 \
+            --save "" --appendonly no
+        redis_pg="$STARTED"
+        for i in $(seq 1 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+        store="redis://127.0.0.1:$redis_port"
+    fi
+    local ok=1 g rport
+    for g in $(seq 0 $((GATEWAYS - 1))); do
+        rport="${ports[$((REPLICAS + g))]}"
+        start_router "$target" "$rport" "$store" "${urls[@]}"
+        router_pgs+=("$STARTED")
+        wait_ready "$target" "$rport" chat || { ok=0; break; }
+        gw_urls+=(--url "http://127.0.0.1:$rport")
+    done
+    if [ "$ok" = 0 ]; then
+        for g in "${router_pgs[@]}"; do stop "$g"; done
+        [ -n "$redis_pg" ] && stop "$redis_pg"
+        stop "$mock_pg"; return 1
+    fi
     [ "$variant" = nosession ] && extra+=(--no-session)
     local out="$TMP/run-$target-$variant-$round.json"
-    if ! timeout "$RUN_LIMIT" "$REPLAY" --url "http://127.0.0.1:$rport" --trace "$TRACE" --speed "$SPEED" \
+    if ! timeout "$RUN_LIMIT" "$REPLAY" "${gw_urls[@]}" --trace "$TRACE" --speed "$SPEED" \
         --model "$MODEL" --timeout 60 "${metrics[@]}" "${extra[@]}" --label "$target" --quiet --out "$out" \
         >"$TMP/replay-$target-$variant-$round.log" 2>&1; then
         log "replay through $target failed:"; tail -n 5 "$TMP/replay-$target-$variant-$round.log" >&2
         rm -f "$out"
     fi
-    stop "$router_pg"
+    for g in "${router_pgs[@]}"; do stop "$g"; done
+    [ -n "$redis_pg" ] && stop "$redis_pg"
     stop "$mock_pg"
     [ -f "$out" ] && python3 - "$out" <<'EOF' >&2
 import json, sys
@@ -237,7 +269,7 @@ LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 {
     echo "Date: $START_TIME"
     echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo), $(uname -sr); load average $LOAD_BEFORE before, $LOAD_AFTER after"
-    echo "Trace: $(basename "$TRACE") ($NREQ requests, ${SPAN_S} s at --speed $SPEED); $REPLICAS mock replicas, --time-scale $TIME_SCALE, fresh replicas and router for every run"
+    echo "Trace: $(basename "$TRACE") ($NREQ requests, ${SPAN_S} s at --speed $SPEED); $REPLICAS mock replicas, --time-scale $TIME_SCALE, $GATEWAYS router(s) of each kind (requests spread over them in turn), fresh replicas and routers for every run"
     echo "Routers: sglang-router $(peer_version sglang-router), vllm-router $(peer_version vllm-router), this crate's gateway at $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
     echo "Medians of $RUNS round(s); ratios are per round against the best peer (sglang-*/vllm-*) of the same round and variant, then the median"
     echo

@@ -98,6 +98,8 @@ pub mod affinity;
 pub mod autoscale;
 pub mod backend;
 pub mod balance;
+#[cfg(feature = "redis")]
+pub mod cluster;
 pub mod context;
 pub mod decision;
 pub mod dispatch;

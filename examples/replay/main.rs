@@ -15,7 +15,8 @@
 //! describes. Each request is a streamed `POST /v1/chat/completions` (`max_tokens` =
 //! `output_length`, `ignore_eos`, `stream_options.include_usage`), the session id in a header.
 //!
-//! Flags: `--url BASE` (required) · `--trace FILE` (required) · `--model NAME` (default
+//! Flags: `--url BASE` (required; repeat it for several routers in front of the same replicas:
+//! requests go to each in turn, whatever their session, as an L4 balancer sends them) · `--trace FILE` (required) · `--model NAME` (default
 //! `mock-llama-3-70b`) · `--session-header NAME` (default `x-session-id`) · `--no-session` (send no
 //! session header) · `--session-from-prefix K` (session = digest of the first K hash ids, for traces
 //! without sessions) · `--speed X` (default 1: trace time / X) · `--max-requests N` ·
@@ -36,7 +37,7 @@ use std::time::Duration;
 use http::HeaderName;
 use replay::{ReplayConfig, SessionSource};
 
-const USAGE: &str = "usage: replay --url BASE --trace FILE [--model NAME] [--session-header NAME]
+const USAGE: &str = "usage: replay --url BASE [--url BASE...] --trace FILE [--model NAME] [--session-header NAME]
   [--no-session | --session-from-prefix K] [--speed X] [--max-requests N] [--duration SECS]
   [--concurrency N] [--timeout SECS] [--replica-metrics URL]... [--out FILE] [--label NAME] [--quiet]";
 
@@ -74,7 +75,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         }
         match a.as_str() {
             "-h" | "--help" => return Err(USAGE.to_owned()),
-            "--url" => url = Some(value()?),
+            "--url" if url.is_none() => url = Some(value()?),
+            "--url" => cfg.extra_urls.push(value()?),
             "--trace" => trace = Some(value()?),
             "--model" => cfg.model = value()?,
             "--session-header" => {

@@ -207,6 +207,9 @@ pub enum SessionSource {
 pub struct ReplayConfig {
     /// Base URL of the router or replica (`http://host:port`, optionally with a path prefix).
     pub base_url: String,
+    /// More routers in front of the same replicas: requests go to `base_url` and these in turn,
+    /// whatever their session, as an L4 balancer in front of several gateways sends them.
+    pub extra_urls: Vec<String>,
     /// The `model` field of every request.
     pub model: String,
     /// Header that carries the session id.
@@ -233,6 +236,7 @@ impl ReplayConfig {
     pub fn new(base_url: impl Into<String>) -> Self {
         ReplayConfig {
             base_url: base_url.into(),
+            extra_urls: Vec::new(),
             model: "mock-llama-3-70b".to_owned(),
             session_header: HeaderName::from_static("x-session-id"),
             sessions: SessionSource::Trace,
@@ -723,12 +727,13 @@ pub async fn replay(
     if cfg.concurrency == 0 {
         return Err(ReplayError::Config("concurrency must be positive".into()));
     }
-    let uri = format!("{}/v1/chat/completions", cfg.base_url.trim_end_matches('/'));
-    if uri.parse::<http::Uri>().is_err() {
-        return Err(ReplayError::Config(format!(
-            "bad base URL {:?}",
-            cfg.base_url
-        )));
+    let mut uris = Vec::with_capacity(1 + cfg.extra_urls.len());
+    for base in std::iter::once(&cfg.base_url).chain(&cfg.extra_urls) {
+        let uri = format!("{}/v1/chat/completions", base.trim_end_matches('/'));
+        if uri.parse::<http::Uri>().is_err() {
+            return Err(ReplayError::Config(format!("bad base URL {base:?}")));
+        }
+        uris.push(uri);
     }
     let mut order: Vec<&TraceEntry> = entries.iter().collect();
     order.sort_by(|a, b| a.timestamp_ms.total_cmp(&b.timestamp_ms));
@@ -744,7 +749,8 @@ pub async fn replay(
     let start = tokio::time::Instant::now();
     let wall_start = Instant::now();
     let mut tasks = Vec::with_capacity(order.len());
-    for entry in order {
+    for (sent, entry) in order.into_iter().enumerate() {
+        let uri = &uris[sent % uris.len()];
         let due = Duration::from_secs_f64(((entry.timestamp_ms - t_first) / cfg.speed) / 1000.0);
         if cfg.duration.is_some_and(|d| due > d) {
             break;

@@ -196,10 +196,15 @@ pub fn pick_ttft<B, R: rand::Rng + ?Sized>(
     let replicas = snapshot.replicas();
     let ok = |i: usize| replicas[i].state().is_eligible();
     let mut cands = Candidates::new();
-    for _ in 0..tp.sampled.clamp(1, Candidates::CAP / 2) {
+    // Distinct samples: a draw that repeats one is retried (a bounded number of times), so two
+    // samples compare two replicas even in a pool of two.
+    let want = tp.sampled.clamp(1, Candidates::CAP / 2);
+    let (mut got, mut draws) = (0, 0);
+    while got < want && draws < 4 * want {
+        draws += 1;
         if let Some(i) = snapshot.sample_weighted(rng) {
-            if ok(i) {
-                cands.push(i);
+            if ok(i) && cands.push(i) {
+                got += 1;
             }
         }
     }

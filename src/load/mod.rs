@@ -32,7 +32,7 @@ pub mod prometheus;
 pub mod work;
 
 pub use self::predict::{Placement, TtftModel, TtftPlacement};
-pub use self::work::{WorkPlan, WorkState};
+pub use self::work::{ForeignWork, WorkPlan, WorkState};
 
 pub use self::advice::{SloAdvice, StickyPolicy, WaitSource};
 pub use self::estimate::{WaitEstimate, WaitEstimator};

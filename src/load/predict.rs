@@ -7,9 +7,11 @@
 //! ttft(i) = (queued_prefill_i + uncached_i) / rate_i  (+ decode_penalty x streaming_i / weight_i)
 //! ```
 //!
-//! - `queued_prefill_i`: [`WorkState::prefill_tokens`](crate::load::work::WorkState::prefill_tokens), plus, when the engine's own load report
-//!   is fresh and shows more waiting requests than this router sent (other gateways), those
-//!   requests at the average prefill of the known ones;
+//! - `queued_prefill_i`: [`WorkState::prefill_tokens`](crate::load::work::WorkState::prefill_tokens), plus what other gateways have
+//!   outstanding there when a shared work view read it recently
+//!   ([`WorkState::foreign`](crate::load::work::WorkState::foreign)), plus, when the engine's own
+//!   load report is fresh and shows more waiting requests than all of those, the rest at the
+//!   average prefill of the known ones;
 //! - `uncached_i`: the prompt minus what replica `i` probably holds: the longest match of the
 //!   request's [`PrefixHashes`] in the [`PrefixIndex`] (scaled by the replica's
 //!   [cache calibration](crate::load::work::WorkState::cache_calibration)); the whole prompt on a replica holding
@@ -46,6 +48,10 @@ pub struct TtftModel {
     /// Seconds added per streaming request per unit of weight (the decode batch slowing prefill
     /// steps down); default 0: in a chunked-prefill engine the decode share of a step is small.
     pub decode_penalty: f64,
+    /// Other routers' outstanding work (a shared work view's last read, see
+    /// [`WorkState::foreign`](crate::load::work::WorkState::foreign)) older than this is
+    /// ignored; `None` ignores it always (default 1 s).
+    pub shared_max_age: Option<Duration>,
 }
 
 impl Default for TtftModel {
@@ -54,6 +60,7 @@ impl Default for TtftModel {
             base_rate: 10_000.0,
             report_max_age: Some(Duration::from_secs(2)),
             decode_penalty: 0.0,
+            shared_max_age: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -69,9 +76,13 @@ impl TtftModel {
     pub fn queued_tokens<B>(&self, replica: &Replica<B>) -> f64 {
         let work = replica.state().work();
         let mut queued = work.prefill_tokens() as f64;
+        let mut known = work.prefill_requests();
+        if let Some(foreign) = self.shared_max_age.and_then(|age| work.foreign(age)) {
+            queued += foreign.prefill_tokens as f64;
+            known += foreign.prefill_requests;
+        }
         if let Some(max_age) = self.report_max_age {
             if let Some(report) = replica.state().load_report() {
-                let known = work.prefill_requests();
                 // A report taken before this router's latest answer there may count this
                 // router's own (since answered) requests as waiting: only a newer one tells
                 // of work from elsewhere (other gateways, direct clients).

@@ -107,6 +107,22 @@ pub struct WorkState {
     last_first_data: parking_lot::Mutex<Option<tokio::time::Instant>>,
     /// The line fitted through (prefill work, time to first data) samples.
     fit: parking_lot::Mutex<LatencyFit>,
+    /// What other routers (gateways sharing a work view) have outstanding here.
+    foreign: parking_lot::Mutex<Option<(ForeignWork, tokio::time::Instant)>>,
+}
+
+/// The work other routers have outstanding on a replica, as a shared work view (for example
+/// [`cluster::WorkView`](crate::cluster)) last read it: the sum over every other live gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForeignWork {
+    /// Uncached prompt tokens they sent whose first data frame has not arrived.
+    pub prefill_tokens: u64,
+    /// Their requests still prefilling (queued or prefilling).
+    pub prefill_requests: u64,
+    /// Their requests streaming.
+    pub decode_requests: u64,
+    /// Expected output tokens of their streaming requests.
+    pub decode_tokens: u64,
 }
 
 /// Weight each older sample keeps per new one in the latency fit (about 20 samples' memory).
@@ -204,6 +220,18 @@ impl WorkState {
     /// samples spread enough to fit a line.
     pub fn overhead(&self) -> Duration {
         Duration::try_from_secs_f64(self.fit.lock().overhead).unwrap_or_default()
+    }
+
+    /// Records what other routers have outstanding here, as read at `at`.
+    pub fn set_foreign(&self, work: ForeignWork, at: tokio::time::Instant) {
+        *self.foreign.lock() = Some((work, at));
+    }
+
+    /// What other routers have outstanding here, if it was read within `max_age`.
+    pub fn foreign(&self, max_age: Duration) -> Option<ForeignWork> {
+        let guard = self.foreign.lock();
+        let (work, at) = (*guard)?;
+        (at.elapsed() <= max_age).then_some(work)
     }
 
     /// A replica with no work and no rate yet.

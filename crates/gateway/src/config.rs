@@ -172,6 +172,10 @@ pub struct GatewayConfig {
     pub upstream_idle_per_replica: usize,
     /// Runtime worker threads (`--threads`, used by the example's `main`; 0 = one per core).
     pub threads: usize,
+    /// With a Redis counter store, how often this gateway shares its outstanding work per
+    /// replica with the other gateways and reads theirs (`--work-view-ms N`, default 100; 0
+    /// turns the shared view off). Placement by predicted TTFT counts their work too.
+    pub work_view_period: Option<Duration>,
 }
 
 impl Default for GatewayConfig {
@@ -191,6 +195,7 @@ impl Default for GatewayConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             upstream_idle_per_replica: 1024,
             threads: 0,
+            work_view_period: Some(Duration::from_millis(100)),
         }
     }
 }
@@ -223,7 +228,8 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...]
   [--policy affinity|least-loaded|round-robin] [--placement predicted-ttft|requests]
   [--affinity-header NAME] [--user-header NAME]
   [--tenant-header NAME] [--slo-wait-ms N] [--tenant-rate N/SECS] [--tenant-tokens N/SECS]
-  [--counter-store memory|redis://HOST:PORT] [--max-body-bytes N] [--upstream-idle N] [--threads N]";
+  [--counter-store memory|redis://HOST:PORT] [--work-view-ms N] [--max-body-bytes N]
+  [--upstream-idle N] [--threads N]";
 
 impl GatewayConfig {
     /// Parses command-line flags (without the program name). `--flag value` and `--flag=value`
@@ -323,6 +329,10 @@ impl GatewayConfig {
                 "--max-body-bytes" => cfg.max_body_bytes = number::<usize>(flag, &value()?)?.max(1),
                 "--upstream-idle" => cfg.upstream_idle_per_replica = number(flag, &value()?)?,
                 "--threads" => cfg.threads = number(flag, &value()?)?,
+                "--work-view-ms" => {
+                    let ms: u64 = number(flag, &value()?)?;
+                    cfg.work_view_period = (ms > 0).then(|| Duration::from_millis(ms));
+                }
                 _ => {
                     return Err(ConfigError::new(format!(
                         "unknown argument {arg:?}\n{USAGE}"

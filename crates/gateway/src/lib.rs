@@ -277,7 +277,8 @@ async fn shared(
     outliers: &OutlierDetector<Upstream>,
     render: Option<MetricsRender>,
 ) -> Result<Arc<Shared>, GatewayError> {
-    let layers = service::store_layers(cfg).await?;
+    let mut layers = service::store_layers(cfg, pool).await?;
+    let work_view = layers.work_view.take();
     let replica_headers = pool
         .snapshot()
         .replicas()
@@ -297,6 +298,7 @@ async fn shared(
         render,
         counters: Counters::new(),
         replica_headers,
+        _work_view: work_view,
     }))
 }
 

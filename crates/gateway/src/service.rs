@@ -126,10 +126,24 @@ pub(crate) type Stack = RouteContextService<Quotas, HeaderExtractor>;
 pub(crate) struct StoreLayers {
     quota: Option<QuotaLayer>,
     pins: Option<Arc<dyn PinTable>>,
+    /// The shared work view (Redis store and `--work-view-ms` > 0): kept for as long as the
+    /// gateway serves; dropping it stops publishing.
+    pub(crate) work_view: Option<replica_router_work_view::Handle>,
+}
+
+/// The shared work view's handle (nothing without the `redis` feature).
+mod replica_router_work_view {
+    #[cfg(feature = "redis")]
+    pub(crate) type Handle = replica_router::cluster::WorkView;
+    #[cfg(not(feature = "redis"))]
+    pub(crate) type Handle = ();
 }
 
 /// Connects the counter store (once) and builds the layers that use it.
-pub(crate) async fn store_layers(cfg: &GatewayConfig) -> Result<StoreLayers, GatewayError> {
+pub(crate) async fn store_layers(
+    cfg: &GatewayConfig,
+    pool: &Pool<Upstream>,
+) -> Result<StoreLayers, GatewayError> {
     let mut limits = TenantLimits::unlimited();
     if let Some(r) = cfg.tenant_rate {
         limits =
@@ -144,19 +158,38 @@ pub(crate) async fn store_layers(cfg: &GatewayConfig) -> Result<StoreLayers, Gat
         CounterStoreSpec::Memory => Ok(StoreLayers {
             quota: config.map(|c| QuotaLayer::new(MemoryStore::new(), c)),
             pins: None,
+            work_view: None,
         }),
         #[cfg(feature = "redis")]
         CounterStoreSpec::Redis(url) => {
             let store = replica_router::store::RedisStore::connect(url)
                 .await
                 .map_err(|e| bad_flag("--counter-store", e))?;
-            let pins: Arc<dyn PinTable> = Arc::new(replica_router::pins::RedisPinTable::new(&store));
-            Ok(StoreLayers { quota: config.map(|c| QuotaLayer::new(store, c)), pins: Some(pins) })
+            let pins: Arc<dyn PinTable> =
+                Arc::new(replica_router::pins::RedisPinTable::new(&store));
+            let work_view = cfg.work_view_period.map(|period| {
+                replica_router::cluster::WorkView::spawn(
+                    &store,
+                    pool.clone(),
+                    replica_router::cluster::WorkViewConfig {
+                        period,
+                        ..Default::default()
+                    },
+                )
+            });
+            Ok(StoreLayers {
+                quota: config.map(|c| QuotaLayer::new(store, c)),
+                pins: Some(pins),
+                work_view,
+            })
         }
         #[cfg(not(feature = "redis"))]
-        CounterStoreSpec::Redis(_) => Err(GatewayError::Config(ConfigError::new(
-            "--counter-store redis://...: this build has no Redis support (enable the `redis` feature)",
-        ))),
+        CounterStoreSpec::Redis(_) => {
+            let _ = pool;
+            Err(GatewayError::Config(ConfigError::new(
+                "--counter-store redis://...: this build has no Redis support (enable the `redis` feature)",
+            )))
+        }
     }
 }
 
@@ -283,6 +316,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     pub(crate) extractor: HeaderExtractor,
     pub(crate) replica_headers: Vec<(ReplicaId, HeaderValue)>,
+    /// Kept alive with the gateway (see [`StoreLayers`]).
+    pub(crate) _work_view: Option<replica_router_work_view::Handle>,
 }
 
 /// One connection's handle on the stack (a connection serves one request at a time, so the lock is
