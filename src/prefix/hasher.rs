@@ -302,6 +302,30 @@ impl PrefixHasher {
         }
     }
 
+    /// One fingerprint of everything hashed so far, the partial block included: equal fed
+    /// bytes (up to the byte cap) give equal digests, in any process and on any machine, so a
+    /// digest can name a prompt's leading part across gateways (for example an implicit
+    /// conversation key: the system prompt and the first user message).
+    ///
+    /// ```
+    /// use replica_router::prefix::PrefixHasher;
+    /// let (mut a, mut b) = (PrefixHasher::new(), PrefixHasher::new());
+    /// a.feed(b"You are terse.\x1ehi");
+    /// b.feed(b"You are terse.");
+    /// b.feed(b"\x1ehi");
+    /// assert_eq!(a.digest(), b.digest());
+    /// b.feed(b"!");
+    /// assert_ne!(a.digest(), b.digest());
+    /// ```
+    pub fn digest(&self) -> u64 {
+        let partial = fmix(
+            self.block.wrapping_mul(K1)
+                ^ self.word.rotate_left(17)
+                ^ u64::from(self.word_len).wrapping_mul(K2),
+        );
+        fmix(self.chain ^ partial ^ (self.hashed as u64).wrapping_mul(K1))
+    }
+
     /// The fingerprints of everything fed (a trailing partial block has none).
     pub fn finish(self) -> PrefixHashes {
         let tokens = self.total / self.bytes_per_token as u64;

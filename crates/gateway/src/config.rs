@@ -55,6 +55,42 @@ impl PlacementMode {
     }
 }
 
+/// Whether a chat request without a session header gets an implicit session key
+/// (`--implicit-sessions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImplicitSessions {
+    /// On with a Redis counter store (several gateways: the key, pinned in Redis, finds the
+    /// conversation's replica from any of them), off with the in-memory one (one gateway's
+    /// prefix index already finds it). The default.
+    #[default]
+    Auto,
+    /// Always: the digest of the conversation's leading part (every string up to the end of
+    /// the first user message) stands in for the missing session key.
+    On,
+    /// Never: keyless requests are placed by the prefix index alone.
+    Off,
+}
+
+impl ImplicitSessions {
+    /// The flag spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImplicitSessions::Auto => "auto",
+            ImplicitSessions::On => "on",
+            ImplicitSessions::Off => "off",
+        }
+    }
+
+    /// Whether implicit keys apply with `store`.
+    pub fn enabled(self, store: &CounterStoreSpec) -> bool {
+        match self {
+            ImplicitSessions::Auto => matches!(store, CounterStoreSpec::Redis(_)),
+            ImplicitSessions::On => true,
+            ImplicitSessions::Off => false,
+        }
+    }
+}
+
 /// `N/SECS`: at most `n` per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -176,6 +212,9 @@ pub struct GatewayConfig {
     /// replica with the other gateways and reads theirs (`--work-view-ms N`, default 100; 0
     /// turns the shared view off). Placement by predicted TTFT counts their work too.
     pub work_view_period: Option<Duration>,
+    /// Implicit session keys for chats sent without one (`--implicit-sessions auto|on|off`,
+    /// default auto).
+    pub implicit_sessions: ImplicitSessions,
 }
 
 impl Default for GatewayConfig {
@@ -196,6 +235,7 @@ impl Default for GatewayConfig {
             upstream_idle_per_replica: 1024,
             threads: 0,
             work_view_period: Some(Duration::from_millis(100)),
+            implicit_sessions: ImplicitSessions::Auto,
         }
     }
 }
@@ -228,7 +268,8 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...]
   [--policy affinity|least-loaded|round-robin] [--placement predicted-ttft|requests]
   [--affinity-header NAME] [--user-header NAME]
   [--tenant-header NAME] [--slo-wait-ms N] [--tenant-rate N/SECS] [--tenant-tokens N/SECS]
-  [--counter-store memory|redis://HOST:PORT] [--work-view-ms N] [--max-body-bytes N]
+  [--counter-store memory|redis://HOST:PORT] [--work-view-ms N] [--implicit-sessions auto|on|off]
+  [--max-body-bytes N]
   [--upstream-idle N] [--threads N]";
 
 impl GatewayConfig {
@@ -322,6 +363,19 @@ impl GatewayConfig {
                         _ => {
                             return Err(ConfigError::new(format!(
                                 "--placement {v:?}: expected predicted-ttft or requests"
+                            )))
+                        }
+                    };
+                }
+                "--implicit-sessions" => {
+                    let v = value()?;
+                    cfg.implicit_sessions = match v.as_str() {
+                        "auto" => ImplicitSessions::Auto,
+                        "on" => ImplicitSessions::On,
+                        "off" => ImplicitSessions::Off,
+                        _ => {
+                            return Err(ConfigError::new(format!(
+                                "--implicit-sessions {v:?}: expected auto, on or off"
                             )))
                         }
                     };

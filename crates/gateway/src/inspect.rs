@@ -8,7 +8,7 @@
 use std::fmt;
 
 use replica_router::prefix::{PrefixHasher, PrefixHashes};
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 /// Which OpenAI route a body is for.
@@ -33,6 +33,12 @@ pub struct BodyInfo {
     /// order), for cache-aware placement of requests with or without a session key. Hashing is
     /// bounded by [`PrefixHasher`]'s byte cap whatever the prompt.
     pub prefix: PrefixHashes,
+    /// A digest of the conversation's stable leading part: every string of `messages` up to the
+    /// end of the first `user` message (system prompt, tools, first question). Every turn of one
+    /// conversation, replayed in full as chat clients do, has the same digest, so it can stand
+    /// in for a session key the client did not send. `None` for completions and for chats with
+    /// no user message.
+    pub conversation: Option<u64>,
 }
 
 /// Output tokens assumed when a request gives no `max_tokens`, for the route context's estimate.
@@ -95,7 +101,13 @@ pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
     let prompt_tokens =
         text.bytes / BYTES_PER_TOKEN + text.numbers + text.top_level_items * per_message;
     let hasher = std::mem::take(&mut text.hasher);
+    let conversation = if kind == ApiKind::Chat {
+        text.conversation
+    } else {
+        None
+    };
     Ok(BodyInfo {
+        conversation,
         prompt_tokens,
         max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
         stream: probe.stream.unwrap_or(false),
@@ -152,6 +164,28 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
     }
 }
 
+/// A map key, borrowed when it has no escapes (an escaped key is never `role`).
+struct Key<'a>(&'a str);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(v))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Key(""))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// The total size of the strings (and count of numbers) inside a JSON value, measured in one pass
 /// without allocating.
 #[derive(Default)]
@@ -163,11 +197,17 @@ struct TextSize {
     /// Fed every string in order, each followed by a record separator, so that `["ab","c"]` and
     /// `["a","bc"]` differ.
     hasher: PrefixHasher,
+    /// Whether the top-level item being walked is a message with `"role": "user"`.
+    item_is_user: bool,
+    /// The hasher's digest at the end of the first user message.
+    conversation: Option<u64>,
 }
 
 struct Walk<'s> {
     acc: &'s mut TextSize,
     depth: u32,
+    /// The value being walked is a top-level message's `role`.
+    role: bool,
 }
 
 impl<'de> de::DeserializeSeed<'de> for Walk<'_> {
@@ -185,6 +225,9 @@ impl<'de> Visitor<'de> for Walk<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        if self.role && v == "user" {
+            self.acc.item_is_user = true;
+        }
         self.acc.bytes += v.len() as u64;
         self.acc.hasher.feed(v.as_bytes());
         self.acc.hasher.feed(b"\x1e");
@@ -225,11 +268,15 @@ impl<'de> Visitor<'de> for Walk<'_> {
             .next_element_seed(Walk {
                 acc: self.acc,
                 depth: self.depth + 1,
+                role: false,
             })?
             .is_some()
         {
             if top {
                 self.acc.top_level_items += 1;
+                if std::mem::take(&mut self.acc.item_is_user) && self.acc.conversation.is_none() {
+                    self.acc.conversation = Some(self.acc.hasher.digest());
+                }
             }
         }
         Ok(())
@@ -239,10 +286,13 @@ impl<'de> Visitor<'de> for Walk<'_> {
         if self.depth >= MAX_DEPTH {
             return Err(de::Error::custom("nested too deeply"));
         }
-        while map.next_key::<IgnoredAny>()?.is_some() {
+        // A top-level message (depth 1 of the `messages` array): note its role.
+        let message = self.depth == 1 && self.acc.top_level_array;
+        while let Some(key) = map.next_key::<Key<'de>>()? {
             map.next_value_seed(Walk {
                 acc: self.acc,
                 depth: self.depth + 1,
+                role: message && key.0 == "role",
             })?;
         }
         Ok(())
@@ -255,6 +305,7 @@ impl<'de> Deserialize<'de> for TextSize {
         d.deserialize_any(Walk {
             acc: &mut acc,
             depth: 0,
+            role: false,
         })?;
         Ok(acc)
     }
@@ -263,6 +314,43 @@ impl<'de> Deserialize<'de> for TextSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chat(messages: &str) -> BodyInfo {
+        let body = format!(r#"{{"model":"m","messages":[{messages}]}}"#);
+        inspect_body(ApiKind::Chat, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_digest_across_turns() {
+        let sys = r#"{"role":"system","content":"You are terse."}"#;
+        let t1 = chat(&format!(
+            r#"{sys},{{"role":"user","content":"What is Rust?"}}"#
+        ));
+        let t2 = chat(&format!(
+            r#"{sys},{{"role":"user","content":"What is Rust?"}},{{"role":"assistant","content":"A language."}},{{"role":"user","content":"More?"}}"#
+        ));
+        assert!(t1.conversation.is_some());
+        assert_eq!(t1.conversation, t2.conversation);
+        // Another first question, or another system prompt: another conversation.
+        let other = chat(&format!(
+            r#"{sys},{{"role":"user","content":"What is Go?"}}"#
+        ));
+        assert_ne!(t1.conversation, other.conversation);
+        let other_sys = chat(
+            r#"{"role":"system","content":"Be verbose."},{"role":"user","content":"What is Rust?"}"#,
+        );
+        assert_ne!(t1.conversation, other_sys.conversation);
+        // Multi-part content and a role spelled with escapes are still user messages.
+        let parts = chat(r#"{"role":"\u0075ser","content":[{"type":"text","text":"hi"}]}"#);
+        assert!(parts.conversation.is_some());
+        // No user message, or a completion: no conversation.
+        assert_eq!(chat(sys).conversation, None);
+        let c = inspect_body(ApiKind::Completion, br#"{"model":"m","prompt":"hi"}"#).unwrap();
+        assert_eq!(c.conversation, None);
+        // A nested "role" is not a message's role.
+        let nested = chat(r#"{"role":"system","content":[{"role":"user","text":"x"}]}"#);
+        assert_eq!(nested.conversation, None);
+    }
 
     #[test]
     fn estimates_and_rejections() {

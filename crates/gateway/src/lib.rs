@@ -72,8 +72,8 @@ use tokio::task::JoinHandle;
 
 pub use self::body::GatewayBody;
 pub use self::config::{
-    ConfigError, CounterStoreSpec, GatewayConfig, PlacementMode, Policy, Rate, ReplicaArg,
-    DEFAULT_MAX_BODY_BYTES, USAGE,
+    ConfigError, CounterStoreSpec, GatewayConfig, ImplicitSessions, PlacementMode, Policy, Rate,
+    ReplicaArg, DEFAULT_MAX_BODY_BYTES, USAGE,
 };
 pub use self::inspect::{inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
 pub use self::service::UpstreamRequest;
@@ -298,6 +298,7 @@ async fn shared(
         render,
         counters: Counters::new(),
         replica_headers,
+        implicit_sessions: cfg.implicit_sessions.enabled(&cfg.counter_store),
         _work_view: work_view,
     }))
 }

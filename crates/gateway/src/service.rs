@@ -139,6 +139,12 @@ mod replica_router_work_view {
     pub(crate) type Handle = ();
 }
 
+/// The session key standing in for a missing one: the conversation digest, marked so that it
+/// cannot equal a key a client sends in the header (header values never start with `\x01`).
+fn implicit_session(digest: u64) -> replica_router::context::RouteKey {
+    format!("\u{1}conv:{digest:016x}").into()
+}
+
 /// Connects the counter store (once) and builds the layers that use it.
 pub(crate) async fn store_layers(
     cfg: &GatewayConfig,
@@ -316,6 +322,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     pub(crate) extractor: HeaderExtractor,
     pub(crate) replica_headers: Vec<(ReplicaId, HeaderValue)>,
+    /// Whether chats without a session key get an implicit one (`--implicit-sessions`).
+    pub(crate) implicit_sessions: bool,
     /// Kept alive with the gateway (see [`StoreLayers`]).
     pub(crate) _work_view: Option<replica_router_work_view::Handle>,
 }
@@ -432,6 +440,9 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
             };
             match shared.extractor.extract_headers(&parts.headers) {
                 Ok(mut ctx) => {
+                    if ctx.session.is_none() && shared.implicit_sessions {
+                        ctx.session = info.conversation.map(implicit_session);
+                    }
                     ctx.estimated_tokens = info.estimated_tokens();
                     ctx.prefix = Some(info.prefix);
                     Some(ctx)
