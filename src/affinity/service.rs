@@ -159,9 +159,13 @@ impl<B> Shared<B> {
                 detail: "longer than the affinity layer's maximum",
             });
         }
+        // Client-supplied: clamped like the in-flight count it is compared with.
+        let estimated_tokens = ctx
+            .estimated_tokens
+            .min(crate::inflight::MAX_COUNTED_TOKENS);
         let cost = match self.settings.measure {
             LoadMeasure::InFlightRequests => 1.0,
-            LoadMeasure::InFlightTokens => ctx.estimated_tokens.max(1) as f64,
+            LoadMeasure::InFlightTokens => estimated_tokens.max(1) as f64,
         };
         let tenant = if self.spread.is_some() {
             ctx.tenant.clone()
@@ -174,7 +178,7 @@ impl<B> Shared<B> {
             cost,
             advice: None,
             prefix: ctx.prefix.clone(),
-            estimated_tokens: ctx.estimated_tokens,
+            estimated_tokens,
         }))
     }
 

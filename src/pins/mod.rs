@@ -326,3 +326,44 @@ impl PinTable for MemoryPinTable {
         PinFuture::ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use proptest::prelude::*;
+
+    fn now<T>(f: PinFuture<'_, T>) -> T {
+        f.now_or_never().unwrap().unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn memory_table_never_exceeds_its_cap(
+            cap in 1usize..100,
+            keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 0..300),
+        ) {
+            let table = MemoryPinTable::new(cap);
+            let r = ReplicaId::new("r").unwrap();
+            for k in keys {
+                now(table.pin(&RouteKey::new(k), &r, Duration::from_secs(60)));
+                prop_assert!(table.len() <= cap);
+            }
+        }
+
+        #[test]
+        fn same_key_same_pin_different_keys_different_pins(
+            a in proptest::collection::vec(any::<u8>(), 0..5000),
+            b in proptest::collection::vec(any::<u8>(), 0..5000),
+        ) {
+            let table = MemoryPinTable::new(16);
+            let (ra, rb) = (ReplicaId::new("a").unwrap(), ReplicaId::new("b").unwrap());
+            let (ka, kb) = (RouteKey::new(a.clone()), RouteKey::new(b.clone()));
+            now(table.pin(&ka, &ra, Duration::from_secs(60)));
+            now(table.pin(&kb, &rb, Duration::from_secs(60)));
+            let expect_a = if a == b { rb.clone() } else { ra.clone() };
+            prop_assert_eq!(now(table.get(&ka)), Some(expect_a));
+            prop_assert_eq!(now(table.get(&RouteKey::new(b))), Some(rb));
+        }
+    }
+}

@@ -139,7 +139,8 @@ pub(crate) struct BoundedMap<V> {
 impl<V> BoundedMap<V> {
     /// A map of at most `capacity` entries (0: holds nothing).
     pub(crate) fn new(capacity: usize) -> Self {
-        let n = capacity.clamp(1, 16);
+        // Shards of at least 64 entries (a small map is one shard), at most 16 of them.
+        let n = (capacity / 64).clamp(1, 16);
         let per = capacity / n;
         BoundedMap {
             shards: (0..n).map(|_| Mutex::new(Shard::new(per))).collect(),
