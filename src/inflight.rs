@@ -24,6 +24,10 @@ use crate::load::work::WorkPlan;
 use crate::pool::ReplicaState;
 use crate::replica::ReplicaId;
 
+/// Most tokens one request's estimate counts in a replica's in-flight tokens: the estimate comes
+/// from the client, and the sum over concurrent requests must not overflow.
+pub(crate) const MAX_COUNTED_TOKENS: u64 = 1 << 32;
+
 /// The observers to call when a request finishes, as stored in the request's extensions.
 #[derive(Clone, Default)]
 pub struct CompletionObservers(pub(crate) Vec<Arc<dyn CompletionObserver>>);
@@ -117,7 +121,7 @@ impl InFlightGuard {
         ctx: Option<&RouteContext>,
         plan: Option<WorkPlan>,
     ) -> Option<Self> {
-        let tokens = ctx.map_or(0, |c| c.estimated_tokens);
+        let tokens = ctx.map_or(0, |c| c.estimated_tokens.min(MAX_COUNTED_TOKENS));
         if !state.try_begin(tokens) {
             return None;
         }

@@ -46,7 +46,13 @@ async fn pins(server: &support::RedisServer, policy: FailurePolicy) -> Arc<Redis
     )
     .await
     .expect("connect");
-    Arc::new(RedisPinTable::new(&store).failure_policy(policy))
+    // No near-cache freshness: these tests check what every gateway reads from Redis at once
+    // (tests/pins_redis.rs covers the near-cache and the breaker).
+    Arc::new(
+        RedisPinTable::new(&store)
+            .failure_policy(policy)
+            .near_cache(1024, Duration::ZERO),
+    )
 }
 
 fn gateway(pool: &Pool<ScriptedBackend>, layer: AffinityLayer<ScriptedBackend>) -> Gateway {

@@ -328,8 +328,11 @@ async fn over_limit_cache_rejects_without_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_pin_table_is_shared_and_fails_by_policy() {
     let mut server = redis_or_skip!();
-    let a = RedisPinTable::new(&redis_client(&server, Duration::from_millis(200)).await);
+    // No near-cache freshness: each read goes to Redis while it is up.
+    let a = RedisPinTable::new(&redis_client(&server, Duration::from_millis(200)).await)
+        .near_cache(64, Duration::ZERO);
     let b = RedisPinTable::new(&redis_client(&server, Duration::from_millis(200)).await)
+        .near_cache(64, Duration::ZERO)
         .failure_policy(FailurePolicy::Closed);
     let r0 = ReplicaId::new("gpu-0").unwrap();
     let r1 = ReplicaId::new("gpu-1").unwrap();
@@ -363,6 +366,11 @@ async fn redis_pin_table_is_shared_and_fails_by_policy() {
     let started = StdInstant::now();
     assert_eq!(
         a.get(&sessions[1]).await.unwrap(),
+        Some(r1.clone()),
+        "fail open: the pin this gateway wrote, from its near-cache"
+    );
+    assert_eq!(
+        a.get(&RouteKey::from("never-seen")).await.unwrap(),
         None,
         "fail open: no pin"
     );

@@ -159,9 +159,13 @@ impl<B> Shared<B> {
                 detail: "longer than the affinity layer's maximum",
             });
         }
+        // Client-supplied: clamped like the in-flight count it is compared with.
+        let estimated_tokens = ctx
+            .estimated_tokens
+            .min(crate::inflight::MAX_COUNTED_TOKENS);
         let cost = match self.settings.measure {
             LoadMeasure::InFlightRequests => 1.0,
-            LoadMeasure::InFlightTokens => ctx.estimated_tokens.max(1) as f64,
+            LoadMeasure::InFlightTokens => estimated_tokens.max(1) as f64,
         };
         let tenant = if self.spread.is_some() {
             ctx.tenant.clone()
@@ -174,7 +178,7 @@ impl<B> Shared<B> {
             cost,
             advice: None,
             prefix: ctx.prefix.clone(),
-            estimated_tokens: ctx.estimated_tokens,
+            estimated_tokens,
         }))
     }
 
@@ -278,6 +282,7 @@ impl<B> Shared<B> {
             }
         };
         let pinned = pinned.ok().flatten();
+        let seen = pinned.clone();
         let (index, reason) = match pinned.as_ref().map(|id| snap.get(id.as_str())) {
             Some(Some((i, r))) if r.state().is_eligible() => {
                 let cap = self.settings.pinned_overload_factor * bound.capacity(view.weight(i));
@@ -319,7 +324,7 @@ impl<B> Shared<B> {
         let id = snap.replicas()[index].id().clone();
         let decision = Decision::at_slot(id.clone(), reason, snap.version(), index);
         let write = if store_up {
-            self.pin(keyed.key.clone(), id)
+            self.pin(keyed.key.clone(), seen, id)
         } else {
             None
         };
@@ -331,8 +336,18 @@ impl<B> Shared<B> {
     }
 
     /// Starts writing the pin `key -> id`; `None` when the write is done (or failed, counted).
-    pub(crate) fn pin(&self, key: RouteKey, id: ReplicaId) -> Option<PinWrite> {
-        match self.pins.clone().pin_owned(key, id, self.settings.pin_ttl) {
+    /// `seen` is what the lookup said.
+    pub(crate) fn pin(
+        &self,
+        key: RouteKey,
+        seen: Option<ReplicaId>,
+        id: ReplicaId,
+    ) -> Option<PinWrite> {
+        match self
+            .pins
+            .clone()
+            .pin_after_owned(key, seen, id, self.settings.pin_ttl)
+        {
             PinFuture::Ready(Some(Ok(()))) => None,
             PinFuture::Ready(_) => {
                 self.metrics.pin_errors.increment(1);
@@ -352,7 +367,19 @@ impl<B> Shared<B> {
     ) -> Option<PinWrite> {
         let keyed = self.keyed(ctx).ok().flatten()?;
         self.metrics.decision(DecisionReason::Failover);
-        self.pin(keyed.key, to.replica().clone())
+        // The failover layer moved the request: pin unconditionally.
+        match self
+            .pins
+            .clone()
+            .pin_owned(keyed.key, to.replica().clone(), self.settings.pin_ttl)
+        {
+            PinFuture::Ready(Some(Ok(()))) => None,
+            PinFuture::Ready(_) => {
+                self.metrics.pin_errors.increment(1);
+                None
+            }
+            pending => Some(PinWrite::new(pending, self.metrics.pin_errors.clone())),
+        }
     }
 }
 

@@ -117,6 +117,7 @@ impl<B> Shared<B> {
             }
         };
         let pinned = pinned.ok().flatten();
+        let seen = pinned.clone();
         let req = tp.request_parts(keyed.prefix.as_ref(), keyed.estimated_tokens);
         let version = snap.version();
         let hash = key_hash(keyed.key.as_bytes());
@@ -205,7 +206,7 @@ impl<B> Shared<B> {
         let id = chosen.id().clone();
         let decision = Decision::at_slot(id.clone(), reason, version, index);
         let write = if store_up {
-            self.pin(keyed.key.clone(), id)
+            self.pin(keyed.key.clone(), seen, id)
         } else {
             None
         };

@@ -25,10 +25,14 @@ use tokio::time::Instant;
 use crate::backend::BoxFuture;
 use crate::context::RouteKey;
 use crate::replica::ReplicaId;
+use crate::store::{BoundedMap, KeyDigest};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::{RedisPinTable, PIN_SCOPE};
+pub use self::redis::{
+    RedisPinTable, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_NEAR_CACHE_FRESHNESS, DEFAULT_NEAR_CACHE_PINS, DEFAULT_REFRESH_BELOW, PIN_SCOPE,
+};
 
 /// Errors of a pin table backed by a remote store.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +96,8 @@ impl<T> Future for PinFuture<'_, T> {
 /// - [`pin`](PinTable::pin) sets or replaces the pin and restarts its TTL.
 /// - [`unpin`](PinTable::unpin) removes it if it still points at `replica` (so a gateway that
 ///   saw an old placement cannot erase a newer one).
-/// - Keys are arbitrary bytes; two different keys never share a pin.
+/// - Keys are arbitrary bytes; two different keys never share a pin. The tables of this crate
+///   hold and store the [`KeyDigest`] of a key, never the key itself.
 pub trait PinTable: Send + Sync + 'static {
     /// The replica `session` is pinned to, if any.
     fn get<'a>(&'a self, session: &'a RouteKey) -> PinFuture<'a, Option<ReplicaId>>;
@@ -128,6 +133,29 @@ pub trait PinTable: Send + Sync + 'static {
             async move { self.pin(&session, &replica, ttl).await },
         ))
     }
+
+    /// Pins `session` to `replica` after a lookup that saw `seen`: what the affinity layer
+    /// calls once it has decided. Shared tables use `seen` to resolve races between gateways:
+    ///
+    /// - `seen == None` (first placement): set only if no pin exists; if another gateway (or a
+    ///   concurrent turn) placed the session first, keep its pin and follow it from now on.
+    /// - `seen == Some(replica)` (the session stayed): refresh the TTL, which a table may
+    ///   coalesce (skip while much of the TTL remains), and never overwrite a pin another
+    ///   gateway moved meanwhile.
+    /// - `seen` names another replica (spill or failover): move the pin, unless another gateway
+    ///   already moved it away from `seen`; then keep that move.
+    ///
+    /// The default ignores `seen` and calls [`pin_owned`](PinTable::pin_owned).
+    fn pin_after_owned(
+        self: Arc<Self>,
+        session: RouteKey,
+        seen: Option<ReplicaId>,
+        replica: ReplicaId,
+        ttl: Duration,
+    ) -> PinFuture<'static, ()> {
+        let _ = seen;
+        self.pin_owned(session, replica, ttl)
+    }
 }
 
 /// Default upper bound on pins held by a [`MemoryPinTable`].
@@ -140,15 +168,13 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// until the next sweep, at most [`SWEEP_INTERVAL`] after a write).
 pub const PINS_LIVE_GAUGE: &str = "replica_router_affinity_pins_live";
 
-struct PinMap {
-    map: HashMap<RouteKey, (ReplicaId, Instant)>,
-    next_sweep: Instant,
-}
+type PinEntry = (ReplicaId, Instant);
 
 /// An in-process pin table with TTLs and a size bound.
 ///
-/// When full, expired pins are swept; if it is still full, the pins closest to expiry (the
-/// longest idle) are evicted, an eighth of the table at a time, so the cost is amortized.
+/// Pins are keyed by the [`KeyDigest`] of the session key (16 bytes, whatever the key's
+/// length), so the memory a pin holds does not depend on what the client sent. When full, a
+/// CLOCK hand evicts an expired or not recently used pin: O(1) per write, in one of 16 shards.
 /// Expired pins are also swept at most every [`SWEEP_INTERVAL`] on writes, and the gauge
 /// [`PINS_LIVE_GAUGE`] follows the table's size (register a `metrics` recorder before building
 /// the table: the handle is taken once, at construction).
@@ -168,41 +194,45 @@ struct PinMap {
 /// # }
 /// ```
 pub struct MemoryPinTable {
-    max: usize,
-    inner: Mutex<PinMap>,
+    map: BoundedMap<PinEntry>,
+    next_sweep: Mutex<Instant>,
     gauge: metrics::Gauge,
 }
 
 impl std::fmt::Debug for MemoryPinTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryPinTable")
-            .field("max", &self.max)
+            .field("max", &self.capacity())
             .field("len", &self.len())
             .finish()
     }
 }
 
+/// The expiry `ttl` from `now`, saturating far in the future.
+pub(crate) fn expiry(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl)
+        .unwrap_or(now + Duration::from_secs(86_400 * 365))
+}
+
 impl MemoryPinTable {
-    /// A table holding at most `max_pins` pins (at least 1).
+    /// A table holding at most `max_pins` pins (at least 1; rounded down to a multiple of the
+    /// shard count when above 16).
     pub fn new(max_pins: usize) -> Self {
         MemoryPinTable {
-            max: max_pins.max(1),
-            inner: Mutex::new(PinMap {
-                map: HashMap::new(),
-                next_sweep: Instant::now() + SWEEP_INTERVAL,
-            }),
+            map: BoundedMap::new(max_pins.max(1)),
+            next_sweep: Mutex::new(Instant::now() + SWEEP_INTERVAL),
             gauge: metrics::gauge!(PINS_LIVE_GAUGE),
         }
     }
 
     /// The size bound.
     pub fn capacity(&self) -> usize {
-        self.max
+        self.map.capacity()
     }
 
-    /// Pins held now (expired ones included until swept).
+    /// Pins held now (expired ones included until swept or evicted).
     pub fn len(&self) -> usize {
-        self.inner.lock().map.len()
+        self.map.len()
     }
 
     /// Whether no pin is held.
@@ -214,75 +244,45 @@ impl MemoryPinTable {
     pub fn counts(&self) -> HashMap<ReplicaId, usize> {
         let now = Instant::now();
         let mut out = HashMap::new();
-        for (r, exp) in self.inner.lock().map.values() {
+        self.map.for_each(|(r, exp)| {
             if *exp > now {
                 *out.entry(r.clone()).or_insert(0) += 1;
             }
-        }
-        out
-    }
-
-    fn make_room(map: &mut HashMap<RouteKey, (ReplicaId, Instant)>, max: usize, now: Instant) {
-        if map.len() < max {
-            return;
-        }
-        map.retain(|_, (_, exp)| *exp > now);
-        if map.len() < max {
-            return;
-        }
-        let evict = (max / 8).max(1);
-        let mut expiries: Vec<Instant> = map.values().map(|(_, e)| *e).collect();
-        let (_, cutoff, _) = expiries.select_nth_unstable(evict - 1);
-        let cutoff = *cutoff;
-        let mut removed = 0;
-        map.retain(|_, (_, exp)| {
-            if removed < evict && *exp <= cutoff {
-                removed += 1;
-                false
-            } else {
-                true
-            }
         });
+        out
     }
 
     fn lookup(&self, session: &RouteKey) -> Option<ReplicaId> {
         let now = Instant::now();
-        let inner = self.inner.lock();
-        inner
-            .map
-            .get(session)
-            .filter(|(_, exp)| *exp > now)
-            .map(|(r, _)| r.clone())
+        self.map
+            .with(&KeyDigest::of(session.as_bytes()), |(r, exp)| {
+                (*exp > now).then(|| r.clone())
+            })
+            .flatten()
     }
 
     fn insert(&self, session: &RouteKey, replica: &ReplicaId, ttl: Duration) {
         let now = Instant::now();
-        let expires = now
-            .checked_add(ttl)
-            .unwrap_or(now + Duration::from_secs(86_400 * 365));
-        let mut inner = self.inner.lock();
-        if now >= inner.next_sweep {
-            inner.map.retain(|_, (_, exp)| *exp > now);
-            inner.next_sweep = now + SWEEP_INTERVAL;
-        }
-        match inner.map.get_mut(session) {
-            Some(slot) => *slot = (replica.clone(), expires),
-            None => {
-                Self::make_room(&mut inner.map, self.max, now);
-                inner
-                    .map
-                    .insert(session.clone(), (replica.clone(), expires));
+        let expires = expiry(now, ttl);
+        if let Some(mut next) = self.next_sweep.try_lock() {
+            if now >= *next {
+                *next = now + SWEEP_INTERVAL;
+                drop(next);
+                self.map.sweep(|(_, exp)| *exp <= now);
             }
         }
-        self.gauge.set(inner.map.len() as f64);
+        self.map.insert(
+            KeyDigest::of(session.as_bytes()),
+            (replica.clone(), expires),
+            |(_, exp)| *exp <= now,
+        );
+        self.gauge.set(self.map.len() as f64);
     }
 
     fn remove(&self, session: &RouteKey, replica: &ReplicaId) {
-        let mut inner = self.inner.lock();
-        if inner.map.get(session).is_some_and(|(r, _)| r == replica) {
-            inner.map.remove(session);
-        }
-        self.gauge.set(inner.map.len() as f64);
+        self.map
+            .remove_if(&KeyDigest::of(session.as_bytes()), |(r, _)| r == replica);
+        self.gauge.set(self.map.len() as f64);
     }
 }
 
@@ -324,5 +324,46 @@ impl PinTable for MemoryPinTable {
     ) -> PinFuture<'static, ()> {
         self.insert(&session, &replica, ttl);
         PinFuture::ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use proptest::prelude::*;
+
+    fn now<T>(f: PinFuture<'_, T>) -> T {
+        f.now_or_never().unwrap().unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn memory_table_never_exceeds_its_cap(
+            cap in 1usize..100,
+            keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 0..300),
+        ) {
+            let table = MemoryPinTable::new(cap);
+            let r = ReplicaId::new("r").unwrap();
+            for k in keys {
+                now(table.pin(&RouteKey::new(k), &r, Duration::from_secs(60)));
+                prop_assert!(table.len() <= cap);
+            }
+        }
+
+        #[test]
+        fn same_key_same_pin_different_keys_different_pins(
+            a in proptest::collection::vec(any::<u8>(), 0..5000),
+            b in proptest::collection::vec(any::<u8>(), 0..5000),
+        ) {
+            let table = MemoryPinTable::new(16);
+            let (ra, rb) = (ReplicaId::new("a").unwrap(), ReplicaId::new("b").unwrap());
+            let (ka, kb) = (RouteKey::new(a.clone()), RouteKey::new(b.clone()));
+            now(table.pin(&ka, &ra, Duration::from_secs(60)));
+            now(table.pin(&kb, &rb, Duration::from_secs(60)));
+            let expect_a = if a == b { rb.clone() } else { ra.clone() };
+            prop_assert_eq!(now(table.get(&ka)), Some(expect_a));
+            prop_assert_eq!(now(table.get(&RouteKey::new(b))), Some(rb));
+        }
     }
 }

@@ -216,7 +216,9 @@ impl QuotaConfig {
         self
     }
 
-    /// Most tenants remembered as over limit (0 disables the cache).
+    /// Most tenants remembered as over limit (0 disables the cache; rounded down to a multiple
+    /// of 16 above 16). Entries hold a 16-byte digest of the tenant key and are evicted in O(1)
+    /// when the cache is full.
     pub fn cache_capacity(mut self, capacity: usize) -> Self {
         self.cache_capacity = capacity;
         self

@@ -1,13 +1,12 @@
 //! State shared by every clone of a quota service: the store, the config, the over-limit cache,
 //! the outage breaker; and the per-request ticket that settles and releases at completion.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::config::{MissingTenant, QuotaConfig, TenantLimits, TokenReport};
@@ -15,8 +14,8 @@ use crate::context::RouteKey;
 use crate::error::RouteError;
 use crate::inflight::{Completion, CompletionObserver};
 use crate::store::{
-    call_store, CounterStore, FailurePolicy, LeaseId, RateQuota, StoreError, StoreKey, Take,
-    WindowId,
+    call_store, BoundedMap, CounterStore, FailurePolicy, KeyDigest, LeaseId, RateQuota, StoreError,
+    StoreKey, Take, WindowId,
 };
 
 pub(crate) const SCOPE_REQUESTS: &str = "quota.req";
@@ -26,7 +25,9 @@ pub(crate) const SCOPE_CONCURRENCY: &str = "quota.conc";
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn CounterStore>,
     pub(crate) config: QuotaConfig,
-    over_limit: RwLock<HashMap<RouteKey, Instant>>,
+    /// Tenants known to be over limit until the given instant, by the digest of the tenant
+    /// key (fixed size whatever the client sent), bounded with O(1) eviction.
+    over_limit: BoundedMap<Instant>,
     outage_until: Mutex<Option<Instant>>,
 }
 
@@ -46,9 +47,9 @@ pub(crate) struct Resolved {
 impl Shared {
     pub(crate) fn new(store: Arc<dyn CounterStore>, config: QuotaConfig) -> Self {
         Shared {
+            over_limit: BoundedMap::new(config.cache_capacity),
             store,
             config,
-            over_limit: RwLock::new(HashMap::new()),
             outage_until: Mutex::new(None),
         }
     }
@@ -78,7 +79,8 @@ impl Shared {
         if self.config.cache_capacity == 0 {
             return None;
         }
-        let until = *self.over_limit.read().get(&r.tenant)?;
+        let key = KeyDigest::of(r.tenant.as_bytes());
+        let until = self.over_limit.with(&key, |u| *u)?;
         let now = Instant::now();
         if until > now {
             metrics::counter!("replica_router_quota_checks_total",
@@ -89,10 +91,7 @@ impl Shared {
                 retry_after: until - now,
             })
         } else {
-            let mut map = self.over_limit.write();
-            if map.get(&r.tenant).is_some_and(|u| *u <= now) {
-                map.remove(&r.tenant);
-            }
+            self.over_limit.remove_if(&key, |u| *u <= now);
             None
         }
     }
@@ -103,15 +102,12 @@ impl Shared {
             return;
         }
         let now = Instant::now();
-        let until = now + retry_after;
-        let mut map = self.over_limit.write();
-        if map.len() >= cap && !map.contains_key(tenant) {
-            map.retain(|_, u| *u > now);
-            if map.len() >= cap {
-                return;
-            }
-        }
-        map.insert(tenant.clone(), until);
+        let Some(until) = now.checked_add(retry_after) else {
+            return;
+        };
+        // Full: CLOCK evicts an expired or not recently used entry, O(1).
+        self.over_limit
+            .insert(KeyDigest::of(tenant.as_bytes()), until, |u| *u <= now);
     }
 
     fn store_down(&self) -> bool {

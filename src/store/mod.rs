@@ -78,6 +78,7 @@
 //! timed-out `take` can count once even though the caller saw an error. Counts therefore err on
 //! the side of the quota, never past it.
 
+mod bounded;
 mod error;
 mod key;
 mod memory;
@@ -90,6 +91,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) use self::bounded::BoundedMap;
+pub use self::bounded::KeyDigest;
 pub use self::error::{BoxError, StoreError};
 pub use self::key::{validate_ident, StoreKey, MAX_RAW_SUBJECT, MAX_SCOPE_LEN};
 pub use self::memory::MemoryStore;

@@ -1,0 +1,298 @@
+//! The Redis pin table against a real redis-server: near-cache, coalesced refreshes,
+//! compare-and-set writes, the outage breaker (Redis killed, then back), fixed-size keys.
+#![cfg(feature = "redis")]
+
+mod common;
+#[macro_use]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ChunkBody, ScriptedBackend};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use replica_router::affinity::{AffinityLayer, PIN_ERRORS_COUNTER};
+use replica_router::balance::LeastInFlightLayer;
+use replica_router::context::{RouteContextLayer, RouteKey};
+use replica_router::decision::{Decision, DecisionReason};
+use replica_router::dispatch::Dispatch;
+use replica_router::error::RouteError;
+use replica_router::inflight::TrackedBody;
+use replica_router::pins::{PinTable, RedisPinTable};
+use replica_router::pool::Pool;
+use replica_router::replica::{ReplicaId, ReplicaSpec};
+use replica_router::store::{RedisStore, RedisStoreConfig};
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+type Resp = http::Response<TrackedBody<ChunkBody>>;
+type Gateway = BoxCloneService<http::Request<()>, Resp, RouteError>;
+
+fn pool_of(ids: &[&str]) -> Pool<ScriptedBackend> {
+    let mut b = Pool::builder();
+    for id in ids {
+        b = b.replica(id, ReplicaSpec::new("m"), ScriptedBackend::default());
+    }
+    b.build().unwrap()
+}
+
+async fn store(server: &support::RedisServer) -> RedisStore {
+    RedisStore::connect_with(
+        &server.url(),
+        RedisStoreConfig::default().timeout(Duration::from_millis(250)),
+    )
+    .await
+    .expect("connect")
+}
+
+fn gateway(pool: &Pool<ScriptedBackend>, layer: AffinityLayer<ScriptedBackend>) -> Gateway {
+    BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(RouteContextLayer::default())
+            .layer(layer)
+            .layer(LeastInFlightLayer::new(pool.clone()))
+            .service(Dispatch::new(pool.clone())),
+    )
+}
+
+async fn send(gw: &mut Gateway, session: &str) -> (String, DecisionReason, Duration) {
+    let req = http::Request::builder()
+        .header("x-session-id", session)
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    let resp = gw.ready().await.unwrap().call(req).await.unwrap();
+    let took = started.elapsed();
+    let d = resp.extensions().get::<Decision>().unwrap();
+    (d.replica().to_string(), d.reason(), took)
+}
+
+fn pin_errors(s: &Snapshotter) -> u64 {
+    s.snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == PIN_ERRORS_COUNTER)
+        .map(|(.., v)| match v {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn id(s: &str) -> ReplicaId {
+    ReplicaId::new(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_opens_the_breaker_and_pins_keep_working() {
+    let mut server = redis_or_skip!();
+    let pool = pool_of(&["a", "b", "c"]);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let st = store(&server).await;
+    let table = metrics::with_local_recorder(&recorder, || {
+        Arc::new(
+            RedisPinTable::new(&st)
+                .near_cache(4096, Duration::from_millis(100))
+                .breaker(2, Duration::from_millis(400)),
+        )
+    });
+    let layer = metrics::with_local_recorder(&recorder, || {
+        AffinityLayer::builder(pool.clone())
+            .pin_table(table.clone())
+            .build()
+            .unwrap()
+    });
+    let mut gw = gateway(&pool, layer);
+
+    // Redis up: place 20 sessions; one of them is moved to "b" by another gateway's write.
+    let sessions: Vec<String> = (0..20).map(|i| format!("outage-{i}")).collect();
+    let mut placed = Vec::new();
+    let mut normal = Duration::ZERO;
+    for s in &sessions {
+        let (r, _, took) = send(&mut gw, s).await;
+        normal = normal.max(took);
+        placed.push(r);
+    }
+    let moved = RouteKey::from("moved-by-another-gateway");
+    let other = RedisPinTable::new(&st);
+    other
+        .pin(&moved, &id("b"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(send(&mut gw, "moved-by-another-gateway").await.0, "b");
+    assert_eq!(pin_errors(&snapshotter), 0);
+
+    // Redis down. Past the near-cache's freshness, every request asks Redis until the breaker
+    // opens (two failures), then none does.
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut before_open = 0;
+    while !table.breaker_open() {
+        send(&mut gw, &sessions[0]).await;
+        before_open += 1;
+        assert!(before_open <= 4, "the breaker opens after two failures");
+    }
+    let calls = table.redis_calls();
+    let errors = pin_errors(&snapshotter);
+    assert!(errors >= before_open, "fail-open lookups are counted");
+    let mut slowest = Duration::ZERO;
+    let mut requests = 0;
+    for (s, r) in sessions.iter().zip(&placed) {
+        let (got, _, took) = send(&mut gw, s).await;
+        assert_eq!(&got, r, "pins keep working from the near-cache");
+        slowest = slowest.max(took);
+        requests += 1;
+    }
+    // The session another gateway moved still goes where it was moved (near-cache).
+    let (got, reason, took) = send(&mut gw, "moved-by-another-gateway").await;
+    assert_eq!((got.as_str(), reason), ("b", DecisionReason::Home));
+    slowest = slowest.max(took);
+    requests += 1;
+    // New sessions are placed by hash, and keep their placement.
+    for i in 0..10 {
+        let s = format!("new-during-outage-{i}");
+        let (first, _, t1) = send(&mut gw, &s).await;
+        let (again, _, t2) = send(&mut gw, &s).await;
+        assert_eq!(first, again);
+        slowest = slowest.max(t1).max(t2);
+        requests += 2;
+    }
+    assert!(
+        table.redis_calls() <= calls + 1,
+        "with the breaker open Redis is not called (a background probe at most): {} -> {}",
+        calls,
+        table.redis_calls()
+    );
+    assert!(
+        pin_errors(&snapshotter) >= errors + requests,
+        "every fail-open answer is counted: {} -> {} over {requests} requests",
+        errors,
+        pin_errors(&snapshotter)
+    );
+    assert!(
+        slowest < Duration::from_millis(150),
+        "requests with the breaker open answer at once: slowest {slowest:?} (normal {normal:?})"
+    );
+    eprintln!("normal (slowest while up) {normal:?}; slowest with the breaker open {slowest:?}; {before_open} requests before it opened");
+
+    // Redis back: the background probe closes the breaker, and Redis is read again (a pin
+    // written by another client is followed once the near-cache entry is no longer fresh).
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        send(&mut gw, &sessions[1]).await;
+        if !table.breaker_open() && table.redis_calls() > calls + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the breaker closes once Redis is back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st2 = store(&server).await;
+    let writer = RedisPinTable::new(&st2);
+    let s5 = RouteKey::new(sessions[5].clone().into_bytes());
+    let target = ["a", "b", "c"]
+        .into_iter()
+        .find(|r| *r != placed[5])
+        .unwrap();
+    writer
+        .pin(&s5, &id(target), Duration::from_secs(600))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut followed = false;
+    for _ in 0..20 {
+        if send(&mut gw, &sessions[5]).await.0 == target {
+            followed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(followed, "after the outage, pins are read from Redis again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_of_a_staying_session_do_not_write_each_time() {
+    let server = redis_or_skip!();
+    let pool = pool_of(&["a", "b", "c"]);
+    let table = Arc::new(RedisPinTable::new(&store(&server).await));
+    let layer = AffinityLayer::builder(pool.clone())
+        .pin_table(table.clone())
+        .build()
+        .unwrap();
+    let mut gw = gateway(&pool, layer);
+    let long = "L".repeat(4000);
+    let first = send(&mut gw, &long).await.0;
+    for _ in 0..20 {
+        assert_eq!(send(&mut gw, &long).await.0, first);
+    }
+    assert!(
+        table.redis_calls() <= 3,
+        "one lookup and one placement, not a write per turn: {}",
+        table.redis_calls()
+    );
+    // Redis holds one key, of fixed size, whatever the session key's length.
+    assert_eq!(server.dbsize(), 1);
+    let key = table
+        .redis_key(&RouteKey::new(long.clone().into_bytes()))
+        .unwrap();
+    let short = table.redis_key(&RouteKey::from("s")).unwrap();
+    assert_eq!(key.len(), short.len());
+    assert!(key.len() < 60, "{key}");
+    let got = server.raw(&[b"GET", key.as_bytes()]);
+    assert!(String::from_utf8_lossy(&got).contains(&first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_placements_agree_and_refreshes_do_not_undo_a_move() {
+    let server = redis_or_skip!();
+    let ttl = Duration::from_secs(600);
+    // Two gateways, no near-cache freshness, refresh on every turn.
+    let g1 = Arc::new(
+        RedisPinTable::new(&store(&server).await)
+            .near_cache(1024, Duration::ZERO)
+            .refresh_below(1.0),
+    );
+    let g2 = Arc::new(
+        RedisPinTable::new(&store(&server).await)
+            .near_cache(1024, Duration::ZERO)
+            .refresh_below(1.0),
+    );
+    let s = RouteKey::from("race");
+    // Both saw no pin and placed differently: the second adopts the first.
+    g1.clone()
+        .pin_after_owned(s.clone(), None, id("a"), ttl)
+        .await
+        .unwrap();
+    g2.clone()
+        .pin_after_owned(s.clone(), None, id("b"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(g1.get(&s).await.unwrap(), Some(id("a")));
+    assert_eq!(g2.get(&s).await.unwrap(), Some(id("a")));
+    // g1 spills the session a -> c; g2, which last saw a, refreshes a: the move stands.
+    g1.clone()
+        .pin_after_owned(s.clone(), Some(id("a")), id("c"), ttl)
+        .await
+        .unwrap();
+    g2.clone()
+        .pin_after_owned(s.clone(), Some(id("a")), id("a"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(g2.get(&s).await.unwrap(), Some(id("c")));
+    // g2 too decides to move it off a (to b), having seen a: g1's move to c stands.
+    g2.clone()
+        .pin_after_owned(s.clone(), Some(id("a")), id("b"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(g1.get(&s).await.unwrap(), Some(id("c")));
+    // A move from what is pinned now goes through.
+    g2.clone()
+        .pin_after_owned(s.clone(), Some(id("c")), id("b"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(g1.get(&s).await.unwrap(), Some(id("b")));
+}
