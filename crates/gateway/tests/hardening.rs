@@ -603,11 +603,12 @@ async fn request_line_and_header_checks() {
     assert!(head.contains("x-kept: 1"), "{head}");
     assert!(!head.contains("x-secret"), "{head}");
     drop(s);
-    // An unvalidated path is estimated at its body's bytes (an upper bound): 2000 bytes are over a
-    // 1000-token quota (Content-Length / 4 would have let it through).
+    // An unvalidated path is estimated at its body's bytes (an upper bound): 2000 bytes use up a
+    // 1000-token quota (the reservation is clamped to the limit), so the next request is refused.
+    // At Content-Length / 4 (500 tokens) the next one would have passed.
     let body = format!("{{\"input\":\"{}\"}}", "a".repeat(2000));
-    assert_eq!(status_of(addr, "POST", "/v1/embeddings", &body).await, 429);
-    assert_eq!(status_of(addr, "POST", "/v1/embeddings", "{}").await, 200);
+    assert_eq!(status_of(addr, "POST", "/v1/embeddings", &body).await, 200);
+    assert_eq!(status_of(addr, "POST", "/v1/embeddings", "{}").await, 429);
     gw.shutdown().await;
     task.abort();
 }
