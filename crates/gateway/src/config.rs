@@ -197,7 +197,7 @@ pub struct TransportConfig {
     /// connections). Beyond it a connection is answered 503 and closed at once.
     pub max_connections: usize,
     /// Bytes of request bodies held in memory across all connections
-    /// (`--max-buffered-body-bytes`, default 256 MiB). A request whose body would go beyond it
+    /// (`--max-buffered-body-bytes`, default 192 MiB). A request whose body would go beyond it
     /// gets 503; past the first [`SMALL_BODY_BYTES`](crate::SMALL_BODY_BYTES) of a body, only
     /// seven eighths of the cap may be used, so large stalled bodies never lock out small
     /// requests.
@@ -222,7 +222,7 @@ impl Default for TransportConfig {
             body_timeout: Duration::from_secs(60),
             body_idle_timeout: Duration::from_secs(10),
             max_connections: crate::limits::default_max_connections(),
-            max_buffered_body_bytes: 256 * 1024 * 1024,
+            max_buffered_body_bytes: 192 * 1024 * 1024,
             upstream_ttfb_timeout: Duration::from_secs(120),
             upstream_idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
@@ -289,7 +289,7 @@ transport limits (0 turns one off): --header-timeout-ms first request head of a 
   keep-alive); --body-timeout-ms whole request body (60000, else 408); --body-idle-timeout-ms
   between body pieces (10000, else 408); --max-connections client connections at once (10000 or
   from the fd limit; beyond: 503 and close); --max-buffered-body-bytes request bodies held across
-  connections (268435456, beyond: 503); --upstream-ttfb-timeout-ms replica response head (120000,
+  connections (201326592 = 192 MiB, beyond: 503); --upstream-ttfb-timeout-ms replica response head (120000,
   else fail over); --upstream-idle-timeout-ms between replica body pieces (60000);
   --shutdown-grace-ms requests in progress on shutdown (10000, then connections are closed)";
 

@@ -38,7 +38,21 @@
 //! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
 //!   [`Gateway::bind_with_metrics`]; the library itself never installs a recorder) followed by
 //!   per-replica gauges read from the pool. `GET /health`: 200 while a replica is eligible, else 503.
-//! - Any other path is forwarded unchanged to a least-loaded replica (`GET /v1/models`, ...).
+//! - Any other path is forwarded unchanged to a least-loaded replica (`GET /v1/models`, ...), with
+//!   a token estimate of its body's byte count (an upper bound). Paths must be canonical (no
+//!   `%`-encoded unreserved character, `//`, dot segment or trailing `/`; else 404), so no
+//!   spelling of a validated route escapes validation; `CONNECT` gets 405 and an HTTP/1.1 request
+//!   without exactly one `Host` gets 400.
+//! - Transport limits ([`TransportConfig`], 0 turns one off): a new connection's first request
+//!   head must arrive within `--header-timeout-ms` (10 s), later ones (idle wait included) within
+//!   `--keepalive-idle-ms` (60 s); a body within `--body-timeout-ms` (60 s) with no pause longer
+//!   than `--body-idle-timeout-ms` (10 s), else 408; at most `--max-connections` client
+//!   connections (beyond: 503 and close) and `--max-buffered-body-bytes` of request bodies held
+//!   across them (192 MiB, beyond: 503; large bodies may use seven eighths of it); a replica must
+//!   send its response head within `--upstream-ttfb-timeout-ms` (120 s, else the attempt fails
+//!   over) and pause its body no longer than `--upstream-idle-timeout-ms` (60 s, else the stream
+//!   ends with an error); shutdown waits `--shutdown-grace-ms` (10 s) for requests in progress,
+//!   then closes what is left.
 //!
 //! `examples/gateway.rs` is the command-line front end ([`GatewayConfig::from_args`] parses the
 //! flags). Tests start the gateway in-process on port 0:
