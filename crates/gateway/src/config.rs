@@ -215,6 +215,62 @@ pub struct GatewayConfig {
     /// Implicit session keys for chats sent without one (`--implicit-sessions auto|on|off`,
     /// default auto).
     pub implicit_sessions: ImplicitSessions,
+    /// Transport limits and timeouts (`--header-timeout-ms`, `--body-timeout-ms`, ...).
+    pub transport: TransportConfig,
+}
+
+/// Timeouts and caps of the gateway's client and upstream connections. A zero duration (or cap)
+/// turns that limit off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// A new connection must deliver its first request head within this
+    /// (`--header-timeout-ms`, default 10 s), else it is closed.
+    pub header_timeout: Duration,
+    /// After its first request, a connection must deliver its next request head (waiting idle
+    /// included) within this (`--keepalive-idle-ms`, default 60 s), else it is closed. Zero turns
+    /// keep-alive off (one request per connection).
+    pub keepalive_idle: Duration,
+    /// A request body must arrive whole within this (`--body-timeout-ms`, default 60 s), else 408.
+    pub body_timeout: Duration,
+    /// At most this between two pieces of a request body (`--body-idle-timeout-ms`, default
+    /// 10 s), else 408.
+    pub body_idle_timeout: Duration,
+    /// Client connections served at once (`--max-connections`; default 10 000, or less when the
+    /// file-descriptor limit is lower: half of it minus 64, at least 16, leaving room for upstream
+    /// connections). Beyond it a connection is answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Bytes of request bodies held in memory across all connections
+    /// (`--max-buffered-body-bytes`, default 192 MiB). A request whose body would go beyond it
+    /// gets 503; past the first [`SMALL_BODY_BYTES`](crate::SMALL_BODY_BYTES) of a body, only
+    /// seven eighths of the cap may be used, so large stalled bodies never lock out small
+    /// requests.
+    pub max_buffered_body_bytes: usize,
+    /// A replica must send the response head within this (`--upstream-ttfb-timeout-ms`, default
+    /// 120 s: a long prefill is legitimate, and engines send the head early); else the attempt
+    /// fails (and fails over to another replica when one is eligible).
+    pub upstream_ttfb_timeout: Duration,
+    /// At most this between two pieces of a replica's response body
+    /// (`--upstream-idle-timeout-ms`, default 60 s); else the response ends with an error.
+    pub upstream_idle_timeout: Duration,
+    /// On shutdown, requests in progress get this long to finish (`--shutdown-grace-ms`, default
+    /// 10 s); then the remaining connections are closed.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            header_timeout: Duration::from_secs(10),
+            keepalive_idle: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            body_idle_timeout: Duration::from_secs(10),
+            max_connections: crate::limits::default_max_connections(),
+            max_buffered_body_bytes: 192 * 1024 * 1024,
+            upstream_ttfb_timeout: Duration::from_secs(120),
+            upstream_idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -236,6 +292,7 @@ impl Default for GatewayConfig {
             threads: 0,
             work_view_period: Some(Duration::from_millis(100)),
             implicit_sessions: ImplicitSessions::Auto,
+            transport: TransportConfig::default(),
         }
     }
 }
@@ -269,8 +326,18 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...]
   [--affinity-header NAME] [--user-header NAME]
   [--tenant-header NAME] [--slo-wait-ms N] [--tenant-rate N/SECS] [--tenant-tokens N/SECS]
   [--counter-store memory|redis://HOST:PORT] [--work-view-ms N] [--implicit-sessions auto|on|off]
-  [--max-body-bytes N]
-  [--upstream-idle N] [--threads N]";
+  [--max-body-bytes N] [--upstream-idle N] [--threads N]
+  [--header-timeout-ms N] [--keepalive-idle-ms N] [--body-timeout-ms N] [--body-idle-timeout-ms N]
+  [--max-connections N] [--max-buffered-body-bytes N] [--upstream-ttfb-timeout-ms N]
+  [--upstream-idle-timeout-ms N] [--shutdown-grace-ms N]
+transport limits (0 turns one off): --header-timeout-ms first request head of a connection
+  (default 10000); --keepalive-idle-ms wait for and read each later request head (60000; 0 = no
+  keep-alive); --body-timeout-ms whole request body (60000, else 408); --body-idle-timeout-ms
+  between body pieces (10000, else 408); --max-connections client connections at once (10000 or
+  from the fd limit; beyond: 503 and close); --max-buffered-body-bytes request bodies held across
+  connections (201326592 = 192 MiB, beyond: 503); --upstream-ttfb-timeout-ms replica response head (120000,
+  else fail over); --upstream-idle-timeout-ms between replica body pieces (60000);
+  --shutdown-grace-ms requests in progress on shutdown (10000, then connections are closed)";
 
 impl GatewayConfig {
     /// Parses command-line flags (without the program name). `--flag value` and `--flag=value`
@@ -387,6 +454,21 @@ impl GatewayConfig {
                     let ms: u64 = number(flag, &value()?)?;
                     cfg.work_view_period = (ms > 0).then(|| Duration::from_millis(ms));
                 }
+                "--header-timeout-ms" => cfg.transport.header_timeout = ms(flag, &value()?)?,
+                "--keepalive-idle-ms" => cfg.transport.keepalive_idle = ms(flag, &value()?)?,
+                "--body-timeout-ms" => cfg.transport.body_timeout = ms(flag, &value()?)?,
+                "--body-idle-timeout-ms" => cfg.transport.body_idle_timeout = ms(flag, &value()?)?,
+                "--max-connections" => cfg.transport.max_connections = number(flag, &value()?)?,
+                "--max-buffered-body-bytes" => {
+                    cfg.transport.max_buffered_body_bytes = number(flag, &value()?)?
+                }
+                "--upstream-ttfb-timeout-ms" => {
+                    cfg.transport.upstream_ttfb_timeout = ms(flag, &value()?)?
+                }
+                "--upstream-idle-timeout-ms" => {
+                    cfg.transport.upstream_idle_timeout = ms(flag, &value()?)?
+                }
+                "--shutdown-grace-ms" => cfg.transport.shutdown_grace = ms(flag, &value()?)?,
                 _ => {
                     return Err(ConfigError::new(format!(
                         "unknown argument {arg:?}\n{USAGE}"
@@ -407,6 +489,10 @@ fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, ConfigError> {
     v.trim()
         .parse()
         .map_err(|_| ConfigError::new(format!("{flag} {v:?}: expected a non-negative integer")))
+}
+
+fn ms(flag: &str, v: &str) -> Result<Duration, ConfigError> {
+    number::<u64>(flag, v).map(Duration::from_millis)
 }
 
 fn rate(flag: &str, v: &str) -> Result<Rate, ConfigError> {
@@ -473,6 +559,46 @@ mod tests {
             CounterStoreSpec::Redis("redis://127.0.0.1:6379".into())
         );
         assert_eq!(cfg.policy, Policy::LeastLoaded);
+    }
+
+    #[test]
+    fn transport_flags_parse() {
+        let cfg = GatewayConfig::from_args([
+            "--header-timeout-ms=1",
+            "--keepalive-idle-ms=2",
+            "--body-timeout-ms=3",
+            "--body-idle-timeout-ms=4",
+            "--max-connections=5",
+            "--max-buffered-body-bytes=6",
+            "--upstream-ttfb-timeout-ms=7",
+            "--upstream-idle-timeout-ms=8",
+            "--shutdown-grace-ms=9",
+        ])
+        .unwrap();
+        let t = &cfg.transport;
+        let d = Duration::from_millis;
+        assert_eq!(
+            (
+                t.header_timeout,
+                t.keepalive_idle,
+                t.body_timeout,
+                t.body_idle_timeout
+            ),
+            (d(1), d(2), d(3), d(4))
+        );
+        assert_eq!((t.max_connections, t.max_buffered_body_bytes), (5, 6));
+        assert_eq!(
+            (
+                t.upstream_ttfb_timeout,
+                t.upstream_idle_timeout,
+                t.shutdown_grace
+            ),
+            (d(7), d(8), d(9))
+        );
+        let def = TransportConfig::default();
+        assert_eq!(def.header_timeout, Duration::from_secs(10));
+        assert!(def.max_connections >= 16 && def.max_connections <= 10_000);
+        assert!(GatewayConfig::from_args(["--max-connections", "-1"]).is_err());
     }
 
     #[test]

@@ -38,7 +38,21 @@
 //! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
 //!   [`Gateway::bind_with_metrics`]; the library itself never installs a recorder) followed by
 //!   per-replica gauges read from the pool. `GET /health`: 200 while a replica is eligible, else 503.
-//! - Any other path is forwarded unchanged to a least-loaded replica (`GET /v1/models`, ...).
+//! - Any other path is forwarded unchanged to a least-loaded replica (`GET /v1/models`, ...), with
+//!   a token estimate of its body's byte count (an upper bound). Paths must be canonical (no
+//!   `%`-encoded unreserved character, `//`, dot segment or trailing `/`; else 404), so no
+//!   spelling of a validated route escapes validation; `CONNECT` gets 405 and an HTTP/1.1 request
+//!   without exactly one `Host` gets 400.
+//! - Transport limits ([`TransportConfig`], 0 turns one off): a new connection's first request
+//!   head must arrive within `--header-timeout-ms` (10 s), later ones (idle wait included) within
+//!   `--keepalive-idle-ms` (60 s); a body within `--body-timeout-ms` (60 s) with no pause longer
+//!   than `--body-idle-timeout-ms` (10 s), else 408; at most `--max-connections` client
+//!   connections (beyond: 503 and close) and `--max-buffered-body-bytes` of request bodies held
+//!   across them (192 MiB, beyond: 503; large bodies may use seven eighths of it); a replica must
+//!   send its response head within `--upstream-ttfb-timeout-ms` (120 s, else the attempt fails
+//!   over) and pause its body no longer than `--upstream-idle-timeout-ms` (60 s, else the stream
+//!   ends with an error); shutdown waits `--shutdown-grace-ms` (10 s) for requests in progress,
+//!   then closes what is left.
 //!
 //! `examples/gateway.rs` is the command-line front end ([`GatewayConfig::from_args`] parses the
 //! flags). Tests start the gateway in-process on port 0:
@@ -57,25 +71,28 @@ mod body;
 pub mod cli;
 mod config;
 mod inspect;
+mod limits;
 mod service;
 mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 pub use self::body::GatewayBody;
 pub use self::config::{
     ConfigError, CounterStoreSpec, GatewayConfig, ImplicitSessions, PlacementMode, Policy, Rate,
-    ReplicaArg, DEFAULT_MAX_BODY_BYTES, USAGE,
+    ReplicaArg, TransportConfig, DEFAULT_MAX_BODY_BYTES, USAGE,
 };
 pub use self::inspect::{inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
+pub use self::limits::SMALL_BODY_BYTES;
 pub use self::service::UpstreamRequest;
 pub use self::upstream::{Upstream, UpstreamBody, UpstreamFuture};
 pub use replica_router::affinity::{AFFINITY_HEADER, REPLICA_HEADER};
@@ -132,7 +149,13 @@ impl std::fmt::Debug for Gateway {
 pub fn build_pool(cfg: &GatewayConfig) -> Result<Pool<Upstream>, GatewayError> {
     let mut builder = Pool::builder().allow_empty();
     for r in &cfg.replicas {
-        let replica = Upstream::new(&r.url, cfg.upstream_idle_per_replica)?;
+        let t = &cfg.transport;
+        let replica = Upstream::with_timeouts(
+            &r.url,
+            cfg.upstream_idle_per_replica,
+            (!t.upstream_ttfb_timeout.is_zero()).then_some(t.upstream_ttfb_timeout),
+            (!t.upstream_idle_timeout.is_zero()).then_some(t.upstream_idle_timeout),
+        )?;
         let id = replica.base_url();
         let id = id.strip_prefix("http://").unwrap_or(id).to_owned();
         builder = builder.replica(
@@ -172,7 +195,8 @@ impl Gateway {
         let outliers = outlier_detector(&pool);
         let shared = shared(cfg, &pool, &outliers, render).await?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, shared, stopped));
+        let ctl = ServeCtl::new(&cfg.transport);
+        let task = tokio::spawn(accept_loop(listener, shared, ctl, stopped));
         Ok(Gateway {
             _health: health(&pool, outliers),
             addr,
@@ -199,10 +223,12 @@ impl Gateway {
         let shared = shared(&cfg, &pool, &outliers, render).await?;
         let mut senders = Vec::new();
         let mut done = Vec::new();
+        let ctl = ServeCtl::new(&cfg.transport);
         for i in 0..shards.max(1) {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
             let (done_tx, done_rx) = oneshot::channel::<()>();
             let shared = shared.clone();
+            let ctl = ctl.clone();
             std::thread::Builder::new()
                 .name(format!("gateway-shard-{i}"))
                 .spawn(move || {
@@ -210,7 +236,7 @@ impl Gateway {
                         .enable_all()
                         .build();
                     if let Ok(rt) = rt {
-                        rt.block_on(shard_loop(rx, shared));
+                        rt.block_on(shard_loop(rx, shared, ctl));
                     }
                     let _ = done_tx.send(());
                 })?;
@@ -221,8 +247,11 @@ impl Gateway {
         let task = tokio::spawn(async move {
             let mut next = 0usize;
             while let Some(stream) = accept_or_stop(&listener, &mut stopped).await {
+                let Some(permit) = ctl.admit(&stream) else {
+                    continue;
+                };
                 if let Ok(s) = stream.into_std() {
-                    let _ = senders[next % senders.len()].send(s);
+                    let _ = senders[next % senders.len()].send((s, permit));
                     next = next.wrapping_add(1);
                 }
             }
@@ -252,7 +281,7 @@ impl Gateway {
     }
 
     /// Stops accepting, closes idle connections, and waits for the requests in progress (streams
-    /// included) to finish.
+    /// included) to finish, for at most `--shutdown-grace-ms`; then closes the connections left.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -291,6 +320,7 @@ async fn shared(
         })
         .collect();
     Ok(Arc::new(Shared {
+        limits: limits::Limits::new(&cfg.transport),
         stack: service::build_stack(cfg, pool, layers, outliers)?,
         extractor: service::extractor(cfg),
         pool: pool.clone(),
@@ -318,58 +348,175 @@ fn health(pool: &Pool<Upstream>, outliers: OutlierDetector<Upstream>) -> HealthC
         .spawn()
 }
 
-fn http_builder() -> hyper::server::conn::http1::Builder {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true);
-    // Small OpenAI answers and SSE events: one flat buffer and one `write` beat a vectored write.
-    http.writev(false);
-    http
+/// A connection handed to a shard, with its slot under `--max-connections`.
+type Accepted = (std::net::TcpStream, Option<OwnedSemaphorePermit>);
+
+/// How connections are served: hyper's settings, the first-request head deadline, the connection
+/// cap and the shutdown grace.
+#[derive(Clone)]
+struct ServeCtl {
+    header_timeout: Option<Duration>,
+    keepalive_idle: Option<Duration>,
+    grace: Option<Duration>,
+    conns: Option<Arc<Semaphore>>,
 }
 
-fn serve_conn(
-    http: &hyper::server::conn::http1::Builder,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
-    shared: &Arc<Shared>,
-    stream: tokio::net::TcpStream,
-) {
-    let _ = stream.set_nodelay(true);
-    let conn_state = ConnState::new(shared.clone());
-    let svc = hyper::service::service_fn(move |req| {
-        let conn_state = conn_state.clone();
-        async move { Ok::<_, Infallible>(service::handle(conn_state, req).await) }
-    });
-    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+impl ServeCtl {
+    fn new(t: &TransportConfig) -> Self {
+        let nz = |d: Duration| (!d.is_zero()).then_some(d);
+        ServeCtl {
+            header_timeout: nz(t.header_timeout),
+            keepalive_idle: nz(t.keepalive_idle),
+            grace: nz(t.shutdown_grace),
+            conns: (t.max_connections > 0).then(|| Arc::new(Semaphore::new(t.max_connections))),
+        }
+    }
+
+    /// A slot for `stream` under the connection cap; `None` (after a best-effort 503) beyond it.
+    fn admit(&self, stream: &tokio::net::TcpStream) -> Option<Option<OwnedSemaphorePermit>> {
+        let Some(conns) = &self.conns else {
+            return Some(None);
+        };
+        match conns.clone().try_acquire_owned() {
+            Ok(p) => Some(Some(p)),
+            Err(_) => {
+                metrics::counter!("gateway_connections_refused_total").increment(1);
+                let _ = stream.try_write(limits::OVER_CAPACITY);
+                None
+            }
+        }
+    }
+
+    fn http_builder(&self) -> hyper::server::conn::http1::Builder {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new());
+        match self.keepalive_idle {
+            // hyper's header timer runs from the moment a connection waits for a request head:
+            // after the first request, that covers the idle wait and the head's arrival.
+            Some(idle) => {
+                http.keep_alive(true);
+                http.header_read_timeout(idle);
+            }
+            None => {
+                http.keep_alive(false);
+                http.header_read_timeout(self.header_timeout);
+            }
+        }
+        // Small OpenAI answers and SSE events: one flat buffer and one `write` beat a vectored write.
+        http.writev(false);
+        http
+    }
+}
+
+/// One runtime's connections: hyper's builder, graceful shutdown, and the switch that closes
+/// what is left once the grace is over.
+struct Conns {
+    http: hyper::server::conn::http1::Builder,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    kill: (watch::Sender<bool>, watch::Receiver<bool>),
+    ctl: ServeCtl,
+}
+
+impl Conns {
+    fn new(ctl: ServeCtl) -> Self {
+        Conns {
+            http: ctl.http_builder(),
+            graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+            kill: watch::channel(false),
+            ctl,
+        }
+    }
+
+    fn serve(
+        &self,
+        shared: &Arc<Shared>,
+        stream: tokio::net::TcpStream,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let conn_state = ConnState::new(shared.clone());
+        let seen = Arc::new(AtomicBool::new(false));
+        let seen_svc = seen.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            seen_svc.store(true, Ordering::Relaxed);
+            let conn_state = conn_state.clone();
+            async move { Ok::<_, Infallible>(service::handle(conn_state, req).await) }
+        });
+        let conn = self
+            .graceful
+            .watch(self.http.serve_connection(TokioIo::new(stream), svc));
+        let mut kill = self.kill.1.clone();
+        let first_head = self.ctl.header_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let killed = async move {
+                let _ = kill.wait_for(|k| *k).await;
+            };
+            tokio::pin!(conn, killed);
+            if let Some(t) = first_head {
+                tokio::select! {
+                    _ = &mut conn => return,
+                    _ = &mut killed => return,
+                    _ = tokio::time::sleep(t) => {}
+                }
+                if !seen.load(Ordering::Relaxed) {
+                    // No request head within the header timeout: drop (close) the connection.
+                    metrics::counter!("gateway_header_timeouts_total").increment(1);
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = conn => {}
+                _ = killed => {}
+            }
+        });
+    }
+
+    /// Graceful shutdown for at most the grace; then every connection left is closed.
+    async fn shutdown(self) {
+        let graceful = self.graceful.shutdown();
+        match self.ctl.grace {
+            Some(g) => {
+                if tokio::time::timeout(g, graceful).await.is_err() {
+                    metrics::counter!("gateway_shutdown_forced_total").increment(1);
+                }
+            }
+            None => graceful.await,
+        }
+        let _ = self.kill.0.send(true);
+        // Let the connection tasks see the switch and drop their connections.
+        tokio::task::yield_now().await;
+    }
 }
 
 async fn shard_loop(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
     shared: Arc<Shared>,
+    ctl: ServeCtl,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let http = http_builder();
-    while let Some(s) = rx.recv().await {
+    let conns = Conns::new(ctl);
+    while let Some((s, permit)) = rx.recv().await {
         if let Ok(stream) = tokio::net::TcpStream::from_std(s) {
-            serve_conn(&http, &graceful, &shared, stream);
+            conns.serve(&shared, stream, permit);
         }
     }
-    graceful.shutdown().await;
+    conns.shutdown().await;
 }
 
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
+    ctl: ServeCtl,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let http = http_builder();
+    let conns = Conns::new(ctl);
     while let Some(stream) = accept_or_stop(&listener, &mut stopped).await {
-        serve_conn(&http, &graceful, &shared, stream);
+        if let Some(permit) = conns.ctl.admit(&stream) {
+            conns.serve(&shared, stream, permit);
+        }
     }
     drop(listener);
-    graceful.shutdown().await;
+    conns.shutdown().await;
 }
 
 /// The next accepted connection, or `None` once `stopped` fires. Accept errors (out of file

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use pin_project::pin_project;
@@ -326,6 +326,8 @@ pub(crate) struct Shared {
     pub(crate) implicit_sessions: bool,
     /// Kept alive with the gateway (see [`StoreLayers`]).
     pub(crate) _work_view: Option<replica_router_work_view::Handle>,
+    /// Body timeouts and the global body budget.
+    pub(crate) limits: super::limits::Limits,
 }
 
 /// One connection's handle on the stack (a connection serves one request at a time, so the lock is
@@ -377,10 +379,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            // Bytes, not `to_str`: a non-ASCII token must not hide the names around it.
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for n in named {
             headers.remove(n);
@@ -403,6 +406,9 @@ pub(crate) async fn handle(conn: Arc<ConnState>, req: Request<Incoming>) -> Resp
 
 async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody> {
     let shared = &conn.shared;
+    if let Some(refused) = super::limits::check_request(&req) {
+        return refused;
+    }
     let kind = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/chat/completions") => Some(ApiKind::Chat),
         (&Method::POST, "/v1/completions") => Some(ApiKind::Completion),
@@ -421,15 +427,13 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
     if body.size_hint().lower() > shared.max_body as u64 {
         return too_large(shared.max_body);
     }
-    let bytes = match read_body(body, shared.max_body).await {
+    // `_held` keeps the body's bytes counted against the global budget until the answer is in.
+    let (bytes, _held) = match super::limits::read_body(body, shared.max_body, &shared.limits).await
+    {
         Ok(b) => b,
-        Err(ReadError::TooLarge) => return too_large(shared.max_body),
-        Err(ReadError::Io) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "could not read the request body",
-            )
+        Err(e) => {
+            return super::limits::read_error_response(&e)
+                .unwrap_or_else(|| too_large(shared.max_body))
         }
     };
     let ctx = match kind {
@@ -450,7 +454,15 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
                 Err(e) => return route_error(&e),
             }
         }
-        None => None,
+        // Not validated: the estimate is an upper bound of what the body can hold (a token is
+        // at least a byte), never a guess that a crafted body could undercut.
+        None => match shared.extractor.extract_headers(&parts.headers) {
+            Ok(mut ctx) => {
+                ctx.estimated_tokens = bytes.len() as u64;
+                Some(ctx)
+            }
+            Err(e) => return route_error(&e),
+        },
     };
     strip_hop_by_hop(&mut parts.headers);
     let mut up = Request::from_parts(parts, Full::new(bytes));
@@ -502,48 +514,6 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
         }
         Err(e) => route_error(&e),
     }
-}
-
-enum ReadError {
-    TooLarge,
-    Io,
-}
-
-/// Reads a request body of at most `max` bytes. The usual case, a body that arrives in one frame,
-/// is kept as that frame's buffer: no copy, no allocation.
-async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, ReadError> {
-    let mut first: Option<Bytes> = None;
-    let mut rest: Option<bytes::BytesMut> = None;
-    while !body.is_end_stream() {
-        let Some(frame) = body.frame().await else {
-            break;
-        };
-        let Ok(data) = frame.map_err(|_| ReadError::Io)?.into_data() else {
-            continue;
-        };
-        let len = match (&first, &rest) {
-            (_, Some(r)) => r.len() + data.len(),
-            (Some(f), None) => f.len() + data.len(),
-            (None, None) => data.len(),
-        };
-        if len > max {
-            return Err(ReadError::TooLarge);
-        }
-        match (&first, &mut rest) {
-            (None, _) => first = Some(data),
-            (Some(f), None) => {
-                let mut r = bytes::BytesMut::with_capacity(len.max(2 * f.len()));
-                r.extend_from_slice(f);
-                r.extend_from_slice(&data);
-                rest = Some(r);
-            }
-            (Some(_), Some(r)) => r.extend_from_slice(&data),
-        }
-    }
-    Ok(match rest {
-        Some(r) => r.freeze(),
-        None => first.unwrap_or_default(),
-    })
 }
 
 fn route_error(e: &RouteError) -> Response<GatewayBody> {

@@ -93,6 +93,14 @@ struct Inner {
     prefix: String,
     base_url: String,
     max_idle_per_host: usize,
+    /// Response head deadline (`--upstream-ttfb-timeout-ms`).
+    ttfb: Option<Duration>,
+    /// Longest pause between response body frames (`--upstream-idle-timeout-ms`).
+    idle: Option<Duration>,
+}
+
+fn timed_out(what: &'static str) -> BoxError {
+    Box::new(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
 }
 
 /// One replica reached over HTTP/1.1 with the calling thread's pooled client.
@@ -111,6 +119,19 @@ impl Upstream {
     /// assert!(Upstream::new("https://x", 1).is_err() && Upstream::new("::", 1).is_err());
     /// ```
     pub fn new(url: &str, max_idle_per_host: usize) -> Result<Self, HttpReplicaError> {
+        Self::with_timeouts(url, max_idle_per_host, None, None)
+    }
+
+    /// Like [`Upstream::new`], with a deadline for the response head (`ttfb`: else the attempt
+    /// fails with a `TimedOut` I/O error, which failover retries on another replica) and a limit
+    /// on the pause between two frames of the response body (`idle`: else the body ends with a
+    /// `TimedOut` error and its connection is closed). `None` waits without limit.
+    pub fn with_timeouts(
+        url: &str,
+        max_idle_per_host: usize,
+        ttfb: Option<Duration>,
+        idle: Option<Duration>,
+    ) -> Result<Self, HttpReplicaError> {
         let BaseUrl {
             scheme,
             authority,
@@ -137,6 +158,8 @@ impl Upstream {
                 prefix,
                 base_url,
                 max_idle_per_host,
+                ttfb,
+                idle,
             }),
         })
     }
@@ -232,6 +255,9 @@ async fn send(
                 let body = UpstreamBody {
                     inner: body,
                     conn: Some((sender, pool)),
+                    idle: inner.idle,
+                    timer: None,
+                    progressed: false,
                 };
                 return Ok(Response::from_parts(parts, body));
             }
@@ -249,6 +275,10 @@ async fn send(
 pub struct UpstreamBody {
     inner: Incoming,
     conn: Option<(Sender, Arc<ConnPool>)>,
+    idle: Option<Duration>,
+    /// Armed the first time the body is not ready; re-armed after each frame.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    progressed: bool,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -267,20 +297,53 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Ok(_))) => {
+                self.progressed = true;
+                if self.inner.is_end_stream() {
+                    self.release();
+                }
+            }
             Poll::Ready(Some(Err(_))) => self.conn = None,
-            _ => {}
+            Poll::Pending => {
+                if let Some(idle) = self.idle {
+                    let this = &mut *self;
+                    let deadline = tokio::time::Instant::now() + idle;
+                    let timer = match &mut this.timer {
+                        Some(t) => {
+                            if std::mem::take(&mut this.progressed) {
+                                t.as_mut().reset(deadline);
+                            }
+                            t
+                        }
+                        None => {
+                            this.progressed = false;
+                            this.timer
+                                .insert(Box::pin(tokio::time::sleep_until(deadline)))
+                        }
+                    };
+                    if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                        // Mid-message: the connection cannot be reused.
+                        this.conn = None;
+                        this.idle = None;
+                        metrics::counter!("gateway_upstream_timeouts_total", "phase" => "idle")
+                            .increment(1);
+                        return Poll::Ready(Some(Err(timed_out(
+                            "the replica sent nothing for longer than the upstream idle timeout",
+                        ))));
+                    }
+                }
+            }
         }
-        polled
+        polled.map(|p| p.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -342,8 +405,23 @@ impl tower::Service<Request<Full<Bytes>>> for Upstream {
             };
         }
         let pool = local_pool(self.inner.id, self.inner.max_idle_per_host);
+        let fut = send(pool, self.inner.clone(), req);
         UpstreamFuture {
-            inner: Ok(Box::pin(send(pool, self.inner.clone(), req))),
+            inner: Ok(match self.inner.ttfb {
+                None => Box::pin(fut),
+                Some(ttfb) => Box::pin(async move {
+                    match tokio::time::timeout(ttfb, fut).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            metrics::counter!("gateway_upstream_timeouts_total", "phase" => "ttfb")
+                                .increment(1);
+                            Err(timed_out(
+                                "the replica sent no response head within the upstream TTFB timeout",
+                            ))
+                        }
+                    }
+                }),
+            }),
         }
     }
 }
