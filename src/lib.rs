@@ -122,6 +122,7 @@ pub mod rollout;
 pub mod select;
 pub mod shed;
 pub mod store;
+pub mod usage;
 
 pub use crate::affinity::{AffinityKey, AffinityLayer};
 pub use crate::backend::{Backend, LoadReport, ServiceBackend};
