@@ -172,6 +172,18 @@ pub struct GatewayConfig {
     pub upstream_idle_per_replica: usize,
     /// Runtime worker threads (`--threads`, used by the example's `main`; 0 = one per core).
     pub threads: usize,
+    /// Concurrent requests per tenant (`--tenant-concurrency N`, N >= 1), none by default.
+    pub tenant_concurrency: Option<u64>,
+    /// What the tenant quota does when its counter store fails (`--store-failure open|closed`,
+    /// default open: admit without counting; closed: answer 503).
+    pub store_failure: replica_router::quota::FailurePolicy,
+    /// The API key file (`--api-keys FILE`: `KEY-SHA256-HEX TENANT [rate=N/SECS]
+    /// [tokens=N/SECS] [concurrency=N]` per line): bearer keys name the tenant, unknown or missing
+    /// keys get 401. None by default (the tenant header is trusted).
+    pub api_keys: Option<std::path::PathBuf>,
+    /// With `--api-keys`, let a request's tenant header name its tenant anyway
+    /// (`--trust-tenant-header`, for a gateway behind an authenticating proxy).
+    pub trust_tenant_header: bool,
 }
 
 impl Default for GatewayConfig {
@@ -191,6 +203,10 @@ impl Default for GatewayConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             upstream_idle_per_replica: 1024,
             threads: 0,
+            tenant_concurrency: None,
+            store_failure: replica_router::quota::FailurePolicy::Open,
+            api_keys: None,
+            trust_tenant_header: false,
         }
     }
 }
@@ -223,7 +239,9 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...]
   [--policy affinity|least-loaded|round-robin] [--placement predicted-ttft|requests]
   [--affinity-header NAME] [--user-header NAME]
   [--tenant-header NAME] [--slo-wait-ms N] [--tenant-rate N/SECS] [--tenant-tokens N/SECS]
-  [--counter-store memory|redis://HOST:PORT] [--max-body-bytes N] [--upstream-idle N] [--threads N]";
+  [--counter-store memory|redis://HOST:PORT] [--max-body-bytes N] [--upstream-idle N] [--threads N]
+  [--tenant-concurrency N] [--store-failure open|closed]
+  [--api-keys FILE] [--trust-tenant-header]";
 
 impl GatewayConfig {
     /// Parses command-line flags (without the program name). `--flag value` and `--flag=value`
@@ -251,6 +269,10 @@ impl GatewayConfig {
             i += 1;
             if arg == "-h" || arg == "--help" {
                 return Err(ConfigError::new(USAGE));
+            }
+            if arg == "--trust-tenant-header" {
+                cfg.trust_tenant_header = true;
+                continue;
             }
             let (flag, inline) = match arg.split_once('=') {
                 Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
@@ -323,6 +345,29 @@ impl GatewayConfig {
                 "--max-body-bytes" => cfg.max_body_bytes = number::<usize>(flag, &value()?)?.max(1),
                 "--upstream-idle" => cfg.upstream_idle_per_replica = number(flag, &value()?)?,
                 "--threads" => cfg.threads = number(flag, &value()?)?,
+                "--tenant-concurrency" => {
+                    let v = value()?;
+                    let n: u64 = number(flag, &v)?;
+                    if n == 0 {
+                        return Err(ConfigError::new(format!(
+                            "--tenant-concurrency {v:?}: expected an integer >= 1"
+                        )));
+                    }
+                    cfg.tenant_concurrency = Some(n);
+                }
+                "--store-failure" => {
+                    let v = value()?;
+                    cfg.store_failure = match v.as_str() {
+                        "open" => replica_router::quota::FailurePolicy::Open,
+                        "closed" => replica_router::quota::FailurePolicy::Closed,
+                        _ => {
+                            return Err(ConfigError::new(format!(
+                                "--store-failure {v:?}: expected open or closed"
+                            )))
+                        }
+                    };
+                }
+                "--api-keys" => cfg.api_keys = Some(value()?.into()),
                 _ => {
                     return Err(ConfigError::new(format!(
                         "unknown argument {arg:?}\n{USAGE}"
@@ -426,6 +471,10 @@ mod tests {
             &["--counter-store", "postgres://x"],
             &["--policy"],
             &["--frobnicate"],
+            &["--tenant-concurrency", "0"],
+            &["--tenant-concurrency", "x"],
+            &["--store-failure", "maybe"],
+            &["--api-keys"],
         ] {
             assert!(
                 GatewayConfig::from_args(bad.iter().copied()).is_err(),
@@ -433,5 +482,31 @@ mod tests {
             );
         }
         assert!(GatewayConfig::from_args(["--help"]).unwrap_err().is_help());
+    }
+
+    #[test]
+    fn quota_and_auth_flags_parse() {
+        let cfg = GatewayConfig::from_args([
+            "--tenant-concurrency",
+            "3",
+            "--store-failure=closed",
+            "--api-keys",
+            "/etc/keys",
+            "--trust-tenant-header",
+        ])
+        .unwrap();
+        assert_eq!(cfg.tenant_concurrency, Some(3));
+        assert_eq!(
+            cfg.store_failure,
+            replica_router::quota::FailurePolicy::Closed
+        );
+        assert_eq!(cfg.api_keys.unwrap().to_str(), Some("/etc/keys"));
+        assert!(cfg.trust_tenant_header);
+        let cfg = GatewayConfig::from_args(["--store-failure", "open"]).unwrap();
+        assert_eq!(
+            cfg.store_failure,
+            replica_router::quota::FailurePolicy::Open
+        );
+        assert!(!cfg.trust_tenant_header && cfg.api_keys.is_none());
     }
 }

@@ -53,11 +53,13 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod body;
 pub mod cli;
 mod config;
 mod inspect;
 mod service;
+mod settle;
 mod upstream;
 
 use std::convert::Infallible;
@@ -277,7 +279,8 @@ async fn shared(
     outliers: &OutlierDetector<Upstream>,
     render: Option<MetricsRender>,
 ) -> Result<Arc<Shared>, GatewayError> {
-    let layers = service::store_layers(cfg).await?;
+    let mut layers = service::store_layers(cfg).await?;
+    let auth = layers.auth.take();
     let replica_headers = pool
         .snapshot()
         .replicas()
@@ -297,6 +300,8 @@ async fn shared(
         render,
         counters: Counters::new(),
         replica_headers,
+        auth,
+        trust_tenant_header: cfg.trust_tenant_header,
     }))
 }
 
