@@ -250,13 +250,18 @@ pub struct TrackedBody<B> {
     #[pin]
     inner: B,
     guard: Option<InFlightGuard>,
-    /// The usage scan, when [`TrackedBody::scan_usage`] asked for one.
-    usage: Option<UsageScan>,
+    /// The usage scan, when [`TrackedBody::scan_usage`] asked for one (boxed: bodies that do
+    /// not scan stay small).
+    usage: Option<Box<UsageScan>>,
 }
 
 /// Ends the request: the usage scan (if any) reports first, then the guard is released with
 /// `outcome` (and the completion observers run).
-fn end_request(guard: &mut Option<InFlightGuard>, usage: &mut Option<UsageScan>, outcome: Outcome) {
+fn end_request(
+    guard: &mut Option<InFlightGuard>,
+    usage: &mut Option<Box<UsageScan>>,
+    outcome: Outcome,
+) {
     let Some(mut g) = guard.take() else {
         return;
     };
@@ -304,10 +309,10 @@ impl<B> TrackedBody<B> {
     /// from the start) has nothing to scan and `sink` is never called.
     pub fn scan_usage(&mut self, sink: Option<Box<dyn UsageSink>>) {
         if self.guard.is_some() {
-            self.usage = Some(UsageScan {
+            self.usage = Some(Box::new(UsageScan {
                 scanner: UsageScanner::new(),
                 sink,
-            });
+            }));
         }
     }
 

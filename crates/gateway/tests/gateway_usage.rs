@@ -3,7 +3,6 @@
 //! tenants (`--api-keys`), `--tenant-concurrency` and `--store-failure`.
 
 #[path = "../../../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::net::SocketAddr;
