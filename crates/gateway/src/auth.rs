@@ -177,7 +177,7 @@ mod tests {
         );
         let keys = ApiKeys::parse(&text).unwrap();
         let mut h = HeaderMap::new();
-        h.insert("authorization", format!("Bearer k2").parse().unwrap());
+        h.insert("authorization", "Bearer k2".parse().unwrap());
         assert_eq!(keys.tenant(&h).unwrap().printable(), "acme");
         h.insert("authorization", "bearer  k3 ".parse().unwrap());
         assert_eq!(keys.tenant(&h).unwrap().printable(), "free");
