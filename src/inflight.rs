@@ -23,6 +23,7 @@ use crate::context::RouteContext;
 use crate::load::work::WorkPlan;
 use crate::pool::ReplicaState;
 use crate::replica::ReplicaId;
+use crate::usage::{UsageScan, UsageScanner, UsageSink};
 
 /// Most tokens one request's estimate counts in a replica's in-flight tokens: the estimate comes
 /// from the client, and the sum over concurrent requests must not overflow.
@@ -253,6 +254,31 @@ pub struct TrackedBody<B> {
     #[pin]
     inner: B,
     guard: Option<InFlightGuard>,
+    /// The usage scan, when [`TrackedBody::scan_usage`] asked for one (boxed: bodies that do
+    /// not scan stay small).
+    usage: Option<Box<UsageScan>>,
+}
+
+/// Ends the request: the usage scan (if any) reports first, then the guard is released with
+/// `outcome` (and the completion observers run).
+fn end_request(
+    guard: &mut Option<InFlightGuard>,
+    usage: &mut Option<Box<UsageScan>>,
+    outcome: Outcome,
+) {
+    let Some(mut g) = guard.take() else {
+        return;
+    };
+    if let Some(mut scan) = usage.take() {
+        let u = scan.scanner.finish();
+        if let Some(cached) = u.cached_tokens {
+            g.observe_cached(cached);
+        }
+        if let Some(sink) = scan.sink.take() {
+            sink.on_usage(&u, outcome);
+        }
+    }
+    g.finish(outcome);
 }
 
 impl<B> TrackedBody<B> {
@@ -261,12 +287,37 @@ impl<B> TrackedBody<B> {
         TrackedBody {
             inner,
             guard: Some(guard),
+            usage: None,
         }
     }
 
     /// A body with no guard (for responses that were never counted).
     pub fn untracked(inner: B) -> Self {
-        TrackedBody { inner, guard: None }
+        TrackedBody {
+            inner,
+            guard: None,
+            usage: None,
+        }
+    }
+
+    /// Reads the body's OpenAI `usage` (or, for an SSE stream without it, its content events)
+    /// as it streams, with a fixed-size [`UsageScanner`] (the body is never buffered). When the
+    /// body ends, before the request completes (so before its
+    /// [completion observers](CompletionObserver), such as a token quota's settlement, run):
+    /// the `cached_tokens` the engine reported go to the replica's work model
+    /// ([`InFlightGuard::observe_cached`]), then `sink` (if any) is told the [`Usage`](crate::usage::Usage) and the
+    /// outcome, for example to settle a token quota through
+    /// [`TokenReport`](crate::quota::TokenReport).
+    ///
+    /// Call it before the body is first polled; a body that was never counted (it was empty
+    /// from the start) has nothing to scan and `sink` is never called.
+    pub fn scan_usage(&mut self, sink: Option<Box<dyn UsageSink>>) {
+        if self.guard.is_some() {
+            self.usage = Some(Box::new(UsageScan {
+                scanner: UsageScanner::new(),
+                sink,
+            }));
+        }
     }
 
     /// The wrapped body.
@@ -291,26 +342,19 @@ impl<B: Body> Body for TrackedBody<B> {
                 if let Some(g) = this.guard.as_mut() {
                     if let Some(data) = frame.data_ref() {
                         g.on_data(data.remaining());
+                        if let Some(scan) = this.usage.as_mut() {
+                            feed(&mut scan.scanner, data);
+                        }
                     }
                 }
                 // Servers such as hyper stop polling once the body says it has ended, so the
                 // final `None` may never be seen: finish as soon as the end is known.
                 if this.inner.is_end_stream() {
-                    if let Some(mut g) = this.guard.take() {
-                        g.finish(Outcome::Success);
-                    }
+                    end_request(this.guard, this.usage, Outcome::Success);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(mut g) = this.guard.take() {
-                    g.finish(Outcome::Failure);
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(mut g) = this.guard.take() {
-                    g.finish(Outcome::Success);
-                }
-            }
+            Poll::Ready(Some(Err(_))) => end_request(this.guard, this.usage, Outcome::Failure),
+            Poll::Ready(None) => end_request(this.guard, this.usage, Outcome::Success),
             Poll::Pending => {}
         }
         polled
@@ -331,8 +375,20 @@ impl<B> PinnedDrop for TrackedBody<B> {
         let this = self.project();
         // Dropped before its end was polled: the client went away mid-stream. (Bodies that are
         // empty from the start are finished in `RouteResponse::track`, never tracked.)
-        if let Some(mut g) = this.guard.take() {
-            g.finish(Outcome::Cancelled);
-        }
+        end_request(this.guard, this.usage, Outcome::Cancelled);
+    }
+}
+
+/// Feeds every chunk of `data` (a `Buf` may be non-contiguous) to `scanner`.
+fn feed(scanner: &mut UsageScanner, data: &impl bytes::Buf) {
+    let chunk = data.chunk();
+    if chunk.len() == data.remaining() {
+        scanner.feed(chunk);
+        return;
+    }
+    let mut slices = [std::io::IoSlice::new(&[]); 16];
+    let n = data.chunks_vectored(&mut slices);
+    for s in &slices[..n] {
+        scanner.feed(s);
     }
 }

@@ -124,6 +124,7 @@ pub mod rollout;
 pub mod select;
 pub mod shed;
 pub mod store;
+pub mod usage;
 
 pub use crate::affinity::{AffinityKey, AffinityLayer};
 pub use crate::backend::{Backend, LoadReport, ServiceBackend};

@@ -217,6 +217,18 @@ pub struct GatewayConfig {
     pub implicit_sessions: ImplicitSessions,
     /// Transport limits and timeouts (`--header-timeout-ms`, `--body-timeout-ms`, ...).
     pub transport: TransportConfig,
+    /// Concurrent requests per tenant (`--tenant-concurrency N`, N >= 1), none by default.
+    pub tenant_concurrency: Option<u64>,
+    /// What the tenant quota does when its counter store fails (`--store-failure open|closed`,
+    /// default open: admit without counting; closed: answer 503).
+    pub store_failure: replica_router::quota::FailurePolicy,
+    /// The API key file (`--api-keys FILE`: `KEY-SHA256-HEX TENANT [rate=N/SECS]
+    /// [tokens=N/SECS] [concurrency=N]` per line): bearer keys name the tenant, unknown or missing
+    /// keys get 401. None by default (the tenant header is trusted).
+    pub api_keys: Option<std::path::PathBuf>,
+    /// With `--api-keys`, let a request's tenant header name its tenant anyway
+    /// (`--trust-tenant-header`, for a gateway behind an authenticating proxy).
+    pub trust_tenant_header: bool,
 }
 
 /// Timeouts and caps of the gateway's client and upstream connections. A zero duration (or cap)
@@ -293,6 +305,10 @@ impl Default for GatewayConfig {
             work_view_period: Some(Duration::from_millis(100)),
             implicit_sessions: ImplicitSessions::Auto,
             transport: TransportConfig::default(),
+            tenant_concurrency: None,
+            store_failure: replica_router::quota::FailurePolicy::Open,
+            api_keys: None,
+            trust_tenant_header: false,
         }
     }
 }
@@ -330,6 +346,8 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...]
   [--header-timeout-ms N] [--keepalive-idle-ms N] [--body-timeout-ms N] [--body-idle-timeout-ms N]
   [--max-connections N] [--max-buffered-body-bytes N] [--upstream-ttfb-timeout-ms N]
   [--upstream-idle-timeout-ms N] [--shutdown-grace-ms N]
+  [--tenant-concurrency N] [--store-failure open|closed]
+  [--api-keys FILE] [--trust-tenant-header]
 transport limits (0 turns one off): --header-timeout-ms first request head of a connection
   (default 10000); --keepalive-idle-ms wait for and read each later request head (60000; 0 = no
   keep-alive); --body-timeout-ms whole request body (60000, else 408); --body-idle-timeout-ms
@@ -365,6 +383,10 @@ impl GatewayConfig {
             i += 1;
             if arg == "-h" || arg == "--help" {
                 return Err(ConfigError::new(USAGE));
+            }
+            if arg == "--trust-tenant-header" {
+                cfg.trust_tenant_header = true;
+                continue;
             }
             let (flag, inline) = match arg.split_once('=') {
                 Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
@@ -469,6 +491,29 @@ impl GatewayConfig {
                     cfg.transport.upstream_idle_timeout = ms(flag, &value()?)?
                 }
                 "--shutdown-grace-ms" => cfg.transport.shutdown_grace = ms(flag, &value()?)?,
+                "--tenant-concurrency" => {
+                    let v = value()?;
+                    let n: u64 = number(flag, &v)?;
+                    if n == 0 {
+                        return Err(ConfigError::new(format!(
+                            "--tenant-concurrency {v:?}: expected an integer >= 1"
+                        )));
+                    }
+                    cfg.tenant_concurrency = Some(n);
+                }
+                "--store-failure" => {
+                    let v = value()?;
+                    cfg.store_failure = match v.as_str() {
+                        "open" => replica_router::quota::FailurePolicy::Open,
+                        "closed" => replica_router::quota::FailurePolicy::Closed,
+                        _ => {
+                            return Err(ConfigError::new(format!(
+                                "--store-failure {v:?}: expected open or closed"
+                            )))
+                        }
+                    };
+                }
+                "--api-keys" => cfg.api_keys = Some(value()?.into()),
                 _ => {
                     return Err(ConfigError::new(format!(
                         "unknown argument {arg:?}\n{USAGE}"
@@ -616,6 +661,10 @@ mod tests {
             &["--counter-store", "postgres://x"],
             &["--policy"],
             &["--frobnicate"],
+            &["--tenant-concurrency", "0"],
+            &["--tenant-concurrency", "x"],
+            &["--store-failure", "maybe"],
+            &["--api-keys"],
         ] {
             assert!(
                 GatewayConfig::from_args(bad.iter().copied()).is_err(),
@@ -623,5 +672,31 @@ mod tests {
             );
         }
         assert!(GatewayConfig::from_args(["--help"]).unwrap_err().is_help());
+    }
+
+    #[test]
+    fn quota_and_auth_flags_parse() {
+        let cfg = GatewayConfig::from_args([
+            "--tenant-concurrency",
+            "3",
+            "--store-failure=closed",
+            "--api-keys",
+            "/etc/keys",
+            "--trust-tenant-header",
+        ])
+        .unwrap();
+        assert_eq!(cfg.tenant_concurrency, Some(3));
+        assert_eq!(
+            cfg.store_failure,
+            replica_router::quota::FailurePolicy::Closed
+        );
+        assert_eq!(cfg.api_keys.unwrap().to_str(), Some("/etc/keys"));
+        assert!(cfg.trust_tenant_header);
+        let cfg = GatewayConfig::from_args(["--store-failure", "open"]).unwrap();
+        assert_eq!(
+            cfg.store_failure,
+            replica_router::quota::FailurePolicy::Open
+        );
+        assert!(!cfg.trust_tenant_header && cfg.api_keys.is_none());
     }
 }

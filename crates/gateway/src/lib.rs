@@ -20,6 +20,18 @@
 //!   home | spill | failover` (anything but `home` means the replica replays the prefill).
 //! - With `--tenant-rate` / `--tenant-tokens`, the [`quota`](replica_router::quota) layer holds each tenant
 //!   (`--tenant-header`) to its quota across every gateway sharing the `--counter-store`.
+//!   `--tenant-concurrency N` caps each tenant's requests in progress; `--store-failure
+//!   open|closed` says whether requests are admitted uncounted or refused (503) while the counter
+//!   store is down. Token reservations are settled, when the response body ends, to what the
+//!   replica generated: its `usage` (JSON body, or the final chunk of a stream with
+//!   `stream_options.include_usage`), else the SSE events that carried generated text (the
+//!   gateway never rewrites the request to ask for usage); the engine's
+//!   `usage.prompt_tokens_details.cached_tokens` also calibrates the replica's cache model. A body
+//!   cut short keeps its estimate.
+//! - `--api-keys FILE`: `Authorization: Bearer <key>` names the tenant (the file lists the keys'
+//!   SHA-256 in hex, each with a tenant and optional own limits); a missing or unknown key gets 401
+//!   on every path but `/health` and `/metrics`, and the tenant header is ignored unless
+//!   `--trust-tenant-header`. The `Authorization` header is not forwarded to the replicas.
 //! - Routing errors map through [`RouteError`](replica_router::error::RouteError): 503 when no replica is
 //!   eligible, 429 with `Retry-After` when shed or over quota, 502 when the replica fails and no
 //!   other replica could take the request.
@@ -67,12 +79,14 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod body;
 pub mod cli;
 mod config;
 mod inspect;
 mod limits;
 mod service;
+mod settle;
 mod upstream;
 
 use std::convert::Infallible;
@@ -308,6 +322,7 @@ async fn shared(
 ) -> Result<Arc<Shared>, GatewayError> {
     let mut layers = service::store_layers(cfg, pool).await?;
     let work_view = layers.work_view.take();
+    let auth = layers.auth.take();
     let replica_headers = pool
         .snapshot()
         .replicas()
@@ -330,6 +345,8 @@ async fn shared(
         replica_headers,
         implicit_sessions: cfg.implicit_sessions.enabled(&cfg.counter_store),
         _work_view: work_view,
+        auth,
+        trust_tenant_header: cfg.trust_tenant_header,
     }))
 }
 

@@ -25,9 +25,11 @@ use replica_router::pool::Pool;
 use replica_router::replica::ReplicaId;
 use replica_router::rng::RngSeed;
 
+use super::auth::ApiKeys;
 use super::body::GatewayBody;
 use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, PlacementMode, Policy};
 use super::inspect::{inspect_body, ApiKind};
+use super::settle::Settle;
 use super::GatewayError;
 use super::MetricsRender;
 use replica_router::affinity::{
@@ -39,9 +41,11 @@ use replica_router::health::{
 use replica_router::load::Placement;
 use replica_router::pins::PinTable;
 use replica_router::prefix::PrefixIndex;
+use replica_router::quota::TokenReport;
 use replica_router::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
 use replica_router::shed::{Shed, ShedLayer};
 use replica_router::store::{MemoryStore, RateQuota};
+use replica_router::usage::UsageSink;
 use tower::util::Either;
 
 pub use super::upstream::Upstream;
@@ -129,6 +133,8 @@ pub(crate) struct StoreLayers {
     /// The shared work view (Redis store and `--work-view-ms` > 0): kept for as long as the
     /// gateway serves; dropping it stops publishing.
     pub(crate) work_view: Option<replica_router_work_view::Handle>,
+    /// The `--api-keys` file, for [`Shared::auth`] (taken out before the stack is built).
+    pub(crate) auth: Option<ApiKeys>,
 }
 
 /// The shared work view's handle (nothing without the `redis` feature).
@@ -159,12 +165,24 @@ pub(crate) async fn store_layers(
         limits =
             limits.tokens(RateQuota::new(r.n, r.per).map_err(|e| bad_flag("--tenant-tokens", e))?);
     }
-    let config = (!limits.is_unlimited()).then(|| QuotaConfig::new(limits));
+    if let Some(n) = cfg.tenant_concurrency {
+        limits = limits.concurrency(n);
+    }
+    let auth = cfg.api_keys.as_deref().map(ApiKeys::load).transpose()?;
+    let mut config = QuotaConfig::new(limits).failure_policy(cfg.store_failure);
+    let mut per_key = false;
+    for (tenant, own) in auth.iter().flat_map(|a| a.limits.iter()) {
+        let l = own.over(limits).map_err(|e| bad_flag("--api-keys", e))?;
+        config = config.tenant_in_class(tenant.clone(), l, "api_key");
+        per_key = true;
+    }
+    let config = (!limits.is_unlimited() || per_key).then_some(config);
     match &cfg.counter_store {
         CounterStoreSpec::Memory => Ok(StoreLayers {
             quota: config.map(|c| QuotaLayer::new(MemoryStore::new(), c)),
             pins: None,
             work_view: None,
+            auth,
         }),
         #[cfg(feature = "redis")]
         CounterStoreSpec::Redis(url) => {
@@ -187,6 +205,7 @@ pub(crate) async fn store_layers(
                 quota: config.map(|c| QuotaLayer::new(store, c)),
                 pins: Some(pins),
                 work_view,
+                auth,
             })
         }
         #[cfg(not(feature = "redis"))]
@@ -328,6 +347,10 @@ pub(crate) struct Shared {
     pub(crate) _work_view: Option<replica_router_work_view::Handle>,
     /// Body timeouts and the global body budget.
     pub(crate) limits: super::limits::Limits,
+    /// `--api-keys`: bearer keys name the tenant.
+    pub(crate) auth: Option<ApiKeys>,
+    /// `--trust-tenant-header`: with `--api-keys`, a request's tenant header still wins.
+    pub(crate) trust_tenant_header: bool,
 }
 
 /// One connection's handle on the stack (a connection serves one request at a time, so the lock is
@@ -416,6 +439,14 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
         (&Method::GET, "/health") => return health(shared),
         _ => None,
     };
+    // `--api-keys`: the bearer key names the tenant (checked before the body is read).
+    let key_tenant = match &shared.auth {
+        Some(keys) => match keys.tenant(req.headers()) {
+            Some(t) => Some(t.clone()),
+            None => return unauthorized(),
+        },
+        None => None,
+    };
     for (name, value) in req.headers() {
         let b = value.as_bytes();
         if !b.is_ascii() && std::str::from_utf8(b).is_err() {
@@ -436,12 +467,14 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
                 .unwrap_or_else(|| too_large(shared.max_body))
         }
     };
-    let ctx = match kind {
+    let mut prompt_estimate = None;
+    let mut ctx = match kind {
         Some(kind) => {
             let info = match inspect_body(kind, &bytes) {
                 Ok(info) => info,
                 Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &msg),
             };
+            prompt_estimate = Some(info.prompt_tokens);
             match shared.extractor.extract_headers(&parts.headers) {
                 Ok(mut ctx) => {
                     if ctx.session.is_none() && shared.implicit_sessions {
@@ -464,6 +497,13 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
             Err(e) => return route_error(&e),
         },
     };
+    if let (Some(t), Some(ctx)) = (key_tenant, ctx.as_mut()) {
+        if !(shared.trust_tenant_header && ctx.tenant.is_some()) {
+            ctx.tenant = Some(t);
+        }
+        // The client's credential for the gateway, not for the replicas.
+        parts.headers.remove(header::AUTHORIZATION);
+    }
     strip_hop_by_hop(&mut parts.headers);
     let mut up = Request::from_parts(parts, Full::new(bytes));
     if let Some(ctx) = ctx {
@@ -485,7 +525,17 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
     };
     match result {
         Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
+            let (mut parts, mut body) = resp.into_parts();
+            if let Some(prompt_estimate) = prompt_estimate {
+                // Settle the token quota to what was generated, calibrate the cache model.
+                let sink = parts.extensions.get::<TokenReport>().map(|report| {
+                    Box::new(Settle {
+                        report: report.clone(),
+                        prompt_estimate,
+                    }) as Box<dyn UsageSink>
+                });
+                body.scan_usage(sink);
+            }
             strip_hop_by_hop(&mut parts.headers);
             if let Some(d) = parts.extensions.get::<Decision>() {
                 // As `affinity::annotate_response`, with the replica ids' header values prepared once.
@@ -519,6 +569,18 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
 fn route_error(e: &RouteError) -> Response<GatewayBody> {
     metrics::counter!("gateway_route_errors_total", "code" => e.code()).increment(1);
     e.to_http_response().map(GatewayBody::local)
+}
+
+fn unauthorized() -> Response<GatewayBody> {
+    metrics::counter!("gateway_unauthorized_total").increment(1);
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "missing or unknown API key (send `Authorization: Bearer <key>`)",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 fn too_large(max: usize) -> Response<GatewayBody> {
