@@ -16,6 +16,9 @@ use replica_router::inflight::TrackedBody;
 /// and keep the request in flight on its replica until they end or are dropped.
 #[pin_project(project = GatewayBodyProj)]
 #[derive(Debug)]
+// Nearly every response is the upstream variant: boxing it would add an allocation per request
+// to save bytes only on the rare local answers.
+#[allow(clippy::large_enum_variant)]
 pub enum GatewayBody {
     /// A replica's body.
     Upstream(#[pin] TrackedBody<super::upstream::UpstreamBody>),
