@@ -10,7 +10,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ChunkBody, ScriptedBackend};
+use common::{scripted_pool_of, ChunkBody, ScriptedBackend};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use replica_router::affinity::{AffinityLayer, PIN_ERRORS_COUNTER};
 use replica_router::balance::LeastInFlightLayer;
@@ -23,21 +23,12 @@ use replica_router::pick::ring::{key_hash, Ring};
 use replica_router::pins::RedisPinTable;
 use replica_router::pool::Pool;
 use replica_router::quota::FailurePolicy;
-use replica_router::replica::ReplicaSpec;
 use replica_router::store::{RedisStore, RedisStoreConfig};
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 type Resp = http::Response<TrackedBody<ChunkBody>>;
 type Gateway = BoxCloneService<http::Request<()>, Resp, RouteError>;
-
-fn pool_of(ids: &[&str]) -> Pool<ScriptedBackend> {
-    let mut b = Pool::builder();
-    for id in ids {
-        b = b.replica(id, ReplicaSpec::new("m"), ScriptedBackend::default());
-    }
-    b.build().unwrap()
-}
 
 async fn pins(server: &support::RedisServer, policy: FailurePolicy) -> Arc<RedisPinTable> {
     let store = RedisStore::connect_with(
@@ -95,8 +86,8 @@ fn key_homed_at(pool: &Pool<ScriptedBackend>, replica: &str, prefix: &str) -> St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_share_spills_through_redis() {
     let server = redis_or_skip!();
-    let p1 = pool_of(&["a", "b"]);
-    let p2 = pool_of(&["b", "a"]);
+    let p1 = scripted_pool_of(&["a", "b"]);
+    let p2 = scripted_pool_of(&["b", "a"]);
     let l1 = AffinityLayer::builder(p1.clone())
         .pin_table(pins(&server, FailurePolicy::Closed).await)
         .build()
@@ -139,7 +130,7 @@ async fn gateways_share_spills_through_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_falls_back_to_the_ring() {
     let mut server = redis_or_skip!();
-    let pool = pool_of(&["a", "b", "c"]);
+    let pool = scripted_pool_of(&["a", "b", "c"]);
     let table = pins(&server, FailurePolicy::Closed).await;
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();

@@ -10,33 +10,20 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{request, Script, ScriptedBackend};
+use common::{hold, request, scripted_pool, Script, ScriptedBackend};
 use replica_router::balance::LeastInFlightLayer;
 use replica_router::cluster::{WorkView, WorkViewConfig};
 use replica_router::context::RouteContext;
-use replica_router::decision::{Decision, DecisionReason};
+use replica_router::decision::Decision;
 use replica_router::dispatch::Dispatch;
 use replica_router::load::work::ForeignWork;
 use replica_router::load::Placement;
 use replica_router::pool::Pool;
 use replica_router::prefix::PrefixIndex;
-use replica_router::replica::{ReplicaId, ReplicaSpec};
 use replica_router::request::RouteRequest;
 use replica_router::rng::RngSeed;
 use replica_router::store::{RedisStore, RedisStoreConfig};
 use tower::{Service, ServiceBuilder, ServiceExt};
-
-fn pool(n: usize) -> Pool<ScriptedBackend> {
-    let mut b = Pool::builder();
-    for i in 0..n {
-        b = b.replica(
-            format!("r{i}"),
-            ReplicaSpec::new("m"),
-            ScriptedBackend::default(),
-        );
-    }
-    b.build().unwrap()
-}
 
 async fn store(url: &str) -> RedisStore {
     let cfg = RedisStoreConfig::default().timeout(Duration::from_millis(200));
@@ -54,23 +41,6 @@ fn view(store: &RedisStore, pool: &Pool<ScriptedBackend>, id: &str) -> WorkView 
             ttl: Duration::from_millis(600),
         },
     )
-}
-
-/// Keeps `tokens` of prefill outstanding on `id` until aborted.
-fn hold(pool: &Pool<ScriptedBackend>, id: &str, tokens: u64) -> tokio::task::JoinHandle<()> {
-    let mut svc = Dispatch::new(pool.clone());
-    let mut req = request(Script::Slow { delay_ms: 600_000 });
-    req.set_route_context(RouteContext {
-        estimated_tokens: tokens,
-        ..Default::default()
-    });
-    req.set_decision(Decision::new(
-        ReplicaId::new(id).unwrap(),
-        DecisionReason::LeastLoaded,
-    ));
-    tokio::spawn(async move {
-        let _ = svc.ready().await.unwrap().call(req).await;
-    })
 }
 
 fn foreign(pool: &Pool<ScriptedBackend>, i: usize) -> Option<ForeignWork> {
@@ -91,7 +61,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_see_each_others_prefill_and_place_by_it() {
     let server = redis_or_skip!();
-    let (pa, pb) = (pool(2), pool(2));
+    let (pa, pb) = (scripted_pool(2), scripted_pool(2));
     let (sa, sb) = (store(&server.url()).await, store(&server.url()).await);
     let va = view(&sa, &pa, "gw-a");
     let vb = view(&sb, &pb, "gw-b");
@@ -155,7 +125,7 @@ async fn gateways_see_each_others_prefill_and_place_by_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_the_view_ages_out_and_comes_back() {
     let mut server = redis_or_skip!();
-    let (pa, pb) = (pool(1), pool(1));
+    let (pa, pb) = (scripted_pool(1), scripted_pool(1));
     let (sa, sb) = (store(&server.url()).await, store(&server.url()).await);
     let _va = view(&sa, &pa, "gw-a");
     let vb = view(&sb, &pb, "gw-b");
@@ -189,7 +159,7 @@ async fn redis_down_the_view_ages_out_and_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_round_trip_per_period() {
     let server = redis_or_skip!();
-    let p = pool(4);
+    let p = scripted_pool(4);
     let s = store(&server.url()).await;
     let v = view(&s, &p, "gw-a");
     tokio::time::sleep(Duration::from_millis(1_000)).await;

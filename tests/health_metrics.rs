@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{request, Script, ScriptedBackend};
+use common::{request, scripted_pool, Script};
 use http_body_util::BodyExt;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use replica_router::autoscale::{AutoscaleConfig, AutoscaleSignal, ScaleAction, ScaleReason};
@@ -17,8 +17,6 @@ use replica_router::health::{
     record_pool_metrics, OutlierConfig, OutlierDetectionLayer, OutlierDetector,
 };
 use replica_router::load::WaitEstimator;
-use replica_router::pool::Pool;
-use replica_router::replica::ReplicaSpec;
 use replica_router::rng::RngSeed;
 use replica_router::shed::ShedLayer;
 use tokio::time::Instant;
@@ -72,18 +70,6 @@ fn gauge(snap: &Flat, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-fn pool(n: usize) -> Pool<ScriptedBackend> {
-    let mut b = Pool::builder();
-    for i in 0..n {
-        b = b.replica(
-            format!("r{i}"),
-            ReplicaSpec::new("m"),
-            ScriptedBackend::default(),
-        );
-    }
-    b.build().unwrap()
-}
-
 fn held_request(p: Priority) -> http::Request<()> {
     let mut req = request(Script::Stream {
         chunks: 1,
@@ -102,7 +88,7 @@ async fn shed_and_autoscale_metrics() {
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
 
-    let pool = pool(2);
+    let pool = scripted_pool(2);
     let est = WaitEstimator::new()
         .slots_per_weight(1.0)
         .default_service_time(Duration::from_secs(1));
@@ -222,7 +208,7 @@ async fn ejection_metrics() {
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
 
-    let pool = pool(2);
+    let pool = scripted_pool(2);
     let detector = OutlierDetector::new(
         pool.clone(),
         OutlierConfig {

@@ -9,7 +9,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ChunkBody, ScriptedBackend};
+use common::{scripted_pool_of, ChunkBody, ScriptedBackend};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use replica_router::affinity::{AffinityLayer, PIN_ERRORS_COUNTER};
 use replica_router::balance::LeastInFlightLayer;
@@ -20,21 +20,13 @@ use replica_router::error::RouteError;
 use replica_router::inflight::TrackedBody;
 use replica_router::pins::{PinTable, RedisPinTable};
 use replica_router::pool::Pool;
-use replica_router::replica::{ReplicaId, ReplicaSpec};
+use replica_router::replica::ReplicaId;
 use replica_router::store::{RedisStore, RedisStoreConfig};
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 type Resp = http::Response<TrackedBody<ChunkBody>>;
 type Gateway = BoxCloneService<http::Request<()>, Resp, RouteError>;
-
-fn pool_of(ids: &[&str]) -> Pool<ScriptedBackend> {
-    let mut b = Pool::builder();
-    for id in ids {
-        b = b.replica(id, ReplicaSpec::new("m"), ScriptedBackend::default());
-    }
-    b.build().unwrap()
-}
 
 async fn store(server: &support::RedisServer) -> RedisStore {
     RedisStore::connect_with(
@@ -86,7 +78,7 @@ fn id(s: &str) -> ReplicaId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_opens_the_breaker_and_pins_keep_working() {
     let mut server = redis_or_skip!();
-    let pool = pool_of(&["a", "b", "c"]);
+    let pool = scripted_pool_of(&["a", "b", "c"]);
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let st = store(&server).await;
@@ -217,7 +209,7 @@ async fn redis_outage_opens_the_breaker_and_pins_keep_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_of_a_staying_session_do_not_write_each_time() {
     let server = redis_or_skip!();
-    let pool = pool_of(&["a", "b", "c"]);
+    let pool = scripted_pool_of(&["a", "b", "c"]);
     let table = Arc::new(RedisPinTable::new(&store(&server).await));
     let layer = AffinityLayer::builder(pool.clone())
         .pin_table(table.clone())

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{request, Script, ScriptedBackend};
+use common::{request, scripted_pool, Script, ScriptedBackend};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -16,25 +16,13 @@ use replica_router::dispatch::Dispatch;
 use replica_router::error::RouteError;
 use replica_router::load::{SloAdvice, StickyPolicy, WaitEstimator};
 use replica_router::pool::Pool;
-use replica_router::replica::{ReplicaId, ReplicaSpec};
+use replica_router::replica::ReplicaId;
 use replica_router::rng::RngSeed;
 use replica_router::shed::ShedLayer;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const BUDGET: Duration = Duration::from_millis(200);
-
-fn pool(n: usize) -> Pool<ScriptedBackend> {
-    let mut b = Pool::builder();
-    for i in 0..n {
-        b = b.replica(
-            format!("r{i}"),
-            ReplicaSpec::new("m"),
-            ScriptedBackend::default(),
-        );
-    }
-    b.build().unwrap()
-}
 
 /// Two slots per replica and a 1 s service time: a replica is over a 200 ms budget from two
 /// requests in flight on (wait = (n + 1 - 2) x 1 s / 2).
@@ -93,7 +81,7 @@ async fn sheds_exactly_when_every_replica_is_over_budget() {
 }
 
 async fn sheds_exactly(advise: bool) {
-    let pool = pool(3);
+    let pool = scripted_pool(3);
     let est = estimator();
     let mut svc = stack(
         &pool,
@@ -152,7 +140,7 @@ async fn sheds_exactly(advise: bool) {
 
 #[tokio::test(start_paused = true)]
 async fn shedding_starts_at_the_last_replica_and_stops_when_one_recovers() {
-    let pool = pool(2);
+    let pool = scripted_pool(2);
     let mut svc = stack(
         &pool,
         ShedLayer::new(pool.clone())
@@ -246,7 +234,7 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn queue_serves_by_priority_then_age() {
-    let pool = pool(1);
+    let pool = scripted_pool(1);
     // One slot, 1 s service time: over the 200 ms budget as soon as one request is in flight.
     let svc = stack(
         &pool,
@@ -304,7 +292,7 @@ async fn queue_serves_by_priority_then_age() {
 
 #[tokio::test(start_paused = true)]
 async fn queue_never_holds_a_request_past_its_deadline() {
-    let pool = pool(1);
+    let pool = scripted_pool(1);
     let max_wait = Duration::from_millis(750);
     let layer = ShedLayer::new(pool.clone())
         .budget(BUDGET)
@@ -368,7 +356,7 @@ async fn queue_never_holds_a_request_past_its_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn full_queue_evicts_lower_priority_first() {
-    let pool = pool(1);
+    let pool = scripted_pool(1);
     let layer = ShedLayer::new(pool.clone())
         .budget(BUDGET)
         .estimator(estimator().slots_per_weight(1.0))
@@ -437,7 +425,7 @@ async fn load_r0(pool: &Pool<ScriptedBackend>, n: usize) -> Vec<Resp> {
 
 #[tokio::test(start_paused = true)]
 async fn sticky_policy_spills_or_waits_for_a_decided_request() {
-    let pool = pool(2);
+    let pool = scripted_pool(2);
     let est = estimator();
     for (policy, expect) in [
         (StickyPolicy::Spill, ("r1", DecisionReason::Spill)),
@@ -482,7 +470,7 @@ async fn sticky_policy_spills_or_waits_for_a_decided_request() {
 
 #[tokio::test(start_paused = true)]
 async fn slo_advice_is_left_for_the_picking_layer() {
-    let pool = pool(2);
+    let pool = scripted_pool(2);
     let seen = Arc::new(Mutex::new(None::<SloAdvice>));
     let seen2 = seen.clone();
     let mut svc = ServiceBuilder::new()
@@ -562,7 +550,7 @@ mod queue_properties {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let pool = pool(1);
+            let pool = scripted_pool(1);
             // One slot: over budget as soon as one request is in flight.
             let svc = stack(
                 &pool,

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{request, Script, ScriptedBackend};
+use common::{hold, request, scripted_pool, Script, ScriptedBackend};
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use replica_router::affinity::AffinityLayer;
@@ -18,7 +18,7 @@ use replica_router::load::work::{WorkState, MAX_RATE, MIN_RATE};
 use replica_router::load::{Placement, WorkPlan};
 use replica_router::pool::Pool;
 use replica_router::prefix::{PrefixHashes, PrefixIndex, PrefixIndexConfig, MAX_CHECKPOINTS};
-use replica_router::replica::{ReplicaId, ReplicaSpec};
+use replica_router::replica::ReplicaId;
 use replica_router::request::RouteRequest;
 use replica_router::rng::RngSeed;
 use tower::util::BoxCloneService;
@@ -29,18 +29,6 @@ type Stack = BoxCloneService<
     http::Response<replica_router::inflight::TrackedBody<common::ChunkBody>>,
     replica_router::error::RouteError,
 >;
-
-fn pool(n: usize) -> Pool<ScriptedBackend> {
-    let mut b = Pool::builder();
-    for i in 0..n {
-        b = b.replica(
-            format!("r{i}"),
-            ReplicaSpec::new("m"),
-            ScriptedBackend::default(),
-        );
-    }
-    b.build().unwrap()
-}
 
 fn ttft_stack(pool: &Pool<ScriptedBackend>, keyed: bool) -> Stack {
     let placement = Placement::predicted_ttft(Arc::new(PrefixIndex::default()));
@@ -64,25 +52,6 @@ fn ttft_stack(pool: &Pool<ScriptedBackend>, keyed: bool) -> Stack {
     } else {
         BoxCloneService::new(ServiceBuilder::new().layer(least).service(dispatch))
     }
-}
-
-/// Keeps `tokens` of prefill queued on replica `id` until the returned task is aborted.
-fn hold(pool: &Pool<ScriptedBackend>, id: &str, tokens: u64) -> tokio::task::JoinHandle<()> {
-    let mut svc = Dispatch::new(pool.clone());
-    let mut req = request(Script::Slow {
-        delay_ms: 3_600_000,
-    });
-    req.set_route_context(RouteContext {
-        estimated_tokens: tokens,
-        ..Default::default()
-    });
-    req.set_decision(Decision::new(
-        ReplicaId::new(id).unwrap(),
-        DecisionReason::LeastLoaded,
-    ));
-    tokio::spawn(async move {
-        let _ = svc.ready().await.unwrap().call(req).await;
-    })
 }
 
 /// Sends one turn whose prompt is the first `blocks` blocks of `chain`; returns its replica.
@@ -195,7 +164,7 @@ proptest! {
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         rt.block_on(async move {
-            let pool = pool(3);
+            let pool = scripted_pool(3);
             let held: Vec<_> = loads
                 .iter()
                 .enumerate()
@@ -227,7 +196,7 @@ proptest! {
 
 #[tokio::test]
 async fn a_new_session_avoids_the_replica_with_queued_prefill() {
-    let pool = pool(2);
+    let pool = scripted_pool(2);
     let h = hold(&pool, "r0", 200_000);
     while pool.snapshot().replicas()[0].state().in_flight() == 0 {
         tokio::task::yield_now().await;
@@ -250,7 +219,7 @@ async fn a_new_session_avoids_the_replica_with_queued_prefill() {
 
 #[tokio::test(start_paused = true)]
 async fn keyless_requests_follow_their_prefix() {
-    let pool = pool(4);
+    let pool = scripted_pool(4);
     let mut stack = ttft_stack(&pool, false);
     // Replicas with a fixed cost per request (30 ms) and 40k tokens/s of prefill, so the rates
     // they teach are real; a cache hit is answered sooner than a cold prompt.
@@ -284,7 +253,7 @@ async fn keyless_requests_follow_their_prefix() {
 
 #[tokio::test]
 async fn the_work_plan_is_counted_until_the_first_data_frame() {
-    let pool = pool(1);
+    let pool = scripted_pool(1);
     let mut svc = Dispatch::new(pool.clone());
     let mut req = request(Script::Stream {
         chunks: 3,

@@ -212,3 +212,48 @@ pub fn request(script: Script) -> http::Request<()> {
         .body(())
         .unwrap()
 }
+
+/// A pool of `n` scripted replicas `r0`..`r{n-1}` of model `m`.
+pub fn scripted_pool(n: usize) -> replica_router::pool::Pool<ScriptedBackend> {
+    let ids: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+    scripted_pool_of(&ids)
+}
+
+/// A pool of scripted replicas with `ids`, of model `m`.
+pub fn scripted_pool_of(ids: &[impl AsRef<str>]) -> replica_router::pool::Pool<ScriptedBackend> {
+    let mut b = replica_router::pool::Pool::builder();
+    for id in ids {
+        b = b.replica(
+            id.as_ref(),
+            replica_router::replica::ReplicaSpec::new("m"),
+            ScriptedBackend::default(),
+        );
+    }
+    b.build().unwrap()
+}
+
+/// Keeps a request with `tokens` of prefill outstanding on replica `id` (sent straight to
+/// dispatch, answered after an hour) until the returned task is aborted.
+pub fn hold(
+    pool: &replica_router::pool::Pool<ScriptedBackend>,
+    id: &str,
+    tokens: u64,
+) -> tokio::task::JoinHandle<()> {
+    use replica_router::request::RouteRequest;
+    use tower::{Service, ServiceExt};
+    let mut svc = replica_router::dispatch::Dispatch::new(pool.clone());
+    let mut req = request(Script::Slow {
+        delay_ms: 3_600_000,
+    });
+    req.set_route_context(replica_router::context::RouteContext {
+        estimated_tokens: tokens,
+        ..Default::default()
+    });
+    req.set_decision(replica_router::decision::Decision::new(
+        replica_router::replica::ReplicaId::new(id).unwrap(),
+        replica_router::decision::DecisionReason::LeastLoaded,
+    ));
+    tokio::spawn(async move {
+        let _ = svc.ready().await.unwrap().call(req).await;
+    })
+}
