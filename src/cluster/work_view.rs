@@ -189,7 +189,8 @@ async fn run<B>(mut round: Round, pool: Pool<B>, stats: Arc<WorkViewStats>) {
     let ttl_ms = round.config.ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
     loop {
         tick.tick().await;
-        let payload = encode(&pool);
+        let snapshot = pool.load();
+        let payload = encode(snapshot.replicas());
         let mut invocation = round.script.key(&round.key);
         invocation
             .arg(&round.config.gateway_id)
@@ -205,7 +206,7 @@ async fn run<B>(mut round: Round, pool: Pool<B>, stats: Arc<WorkViewStats>) {
                 let now = Instant::now();
                 let gateways = entries.len().min(MAX_GATEWAYS);
                 let sums = decode(&entries[..gateways]);
-                for r in pool.load().replicas() {
+                for r in snapshot.replicas() {
                     let f = sums.get(r.id().as_str()).copied().unwrap_or_default();
                     r.state().work().set_foreign(f, now);
                 }
@@ -227,9 +228,9 @@ async fn run<B>(mut round: Round, pool: Pool<B>, stats: Arc<WorkViewStats>) {
 
 /// This gateway's entry: one line per replica with work outstanding,
 /// `prefill_tokens prefill_requests decode_requests decode_tokens id`, the id escaped.
-fn encode<B>(pool: &Pool<B>) -> String {
+fn encode<B>(replicas: &[Arc<crate::pool::Replica<B>>]) -> String {
     let mut out = String::new();
-    for r in pool.load().replicas() {
+    for r in replicas {
         let w = r.state().work();
         let line = [
             w.prefill_tokens(),

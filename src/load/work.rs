@@ -190,20 +190,21 @@ fn clamp_rate(r: f64) -> f64 {
 /// log distance, that distance clamped to `ln(max_step)`; `cell = sample` while it is 0.
 fn log_ewma(cell: &AtomicU64, sample: f64, alpha: f64, max_step: f64) {
     let limit = max_step.ln();
-    let mut cur = cell.load(Ordering::Relaxed);
-    loop {
-        let old = f64::from_bits(cur);
-        let new = if old <= 0.0 || !old.is_finite() {
+    update_f64(cell, |old| {
+        if old <= 0.0 || !old.is_finite() {
             sample
         } else {
             let step = (sample / old).ln().clamp(-limit, limit);
             clamp_rate(old * (alpha * step).exp())
-        };
-        match cell.compare_exchange_weak(cur, new.to_bits(), Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return,
-            Err(actual) => cur = actual,
         }
-    }
+    });
+}
+
+/// Replaces the f64 held (as bits) in `cell` with `f(old)`, atomically.
+fn update_f64(cell: &AtomicU64, f: impl Fn(f64) -> f64) {
+    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+        Some(f(f64::from_bits(bits)).to_bits())
+    });
 }
 
 fn sub(cell: &AtomicU64, n: u64) {
@@ -339,21 +340,7 @@ impl WorkState {
         if self.cache_samples.fetch_add(1, Ordering::Relaxed) == 0 {
             self.cache.store(ratio.to_bits(), Ordering::Relaxed);
         } else {
-            // Stored factors are never 0.0 bits-wise unless the ratio was 0; keep EWMA exact.
-            let mut cur = self.cache.load(Ordering::Relaxed);
-            loop {
-                let old = f64::from_bits(cur);
-                let new = old + CACHE_ALPHA * (ratio - old);
-                match self.cache.compare_exchange_weak(
-                    cur,
-                    new.to_bits(),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return,
-                    Err(actual) => cur = actual,
-                }
-            }
+            update_f64(&self.cache, |old| old + CACHE_ALPHA * (ratio - old));
         }
     }
 
