@@ -288,3 +288,98 @@ async fn racing_placements_agree_and_refreshes_do_not_undo_a_move() {
         .unwrap();
     assert_eq!(g1.get(&s).await.unwrap(), Some(id("b")));
 }
+
+/// A pin this gateway could not write (Redis down or timing out) is kept from the near-cache
+/// when Redis comes back without it, and written back; a pin Redis confirmed and another
+/// gateway then removed is not resurrected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_lost_in_redis_is_kept_from_local_knowledge_and_written_back() {
+    let mut server = redis_or_skip!();
+    let pool = scripted_pool_of(&["a", "b", "c"]);
+    // Freshness zero: every turn asks Redis, as happens once a turn comes more than the
+    // near-cache's freshness after the last.
+    let table = Arc::new(
+        RedisPinTable::new(&store(&server).await)
+            .near_cache(1024, Duration::ZERO)
+            .breaker(2, Duration::from_millis(200)),
+    );
+    let layer = AffinityLayer::builder(pool.clone())
+        .pin_table(table.clone())
+        .build()
+        .unwrap();
+    let mut gw = gateway(&pool, layer);
+    let key = |s: usize| RouteKey::new(format!("lost-{s}").into_bytes());
+    let homes: Vec<String> = ring_homes(&mut gw).await;
+    // A confirmed pin, later removed by another gateway.
+    let removed = RouteKey::from("removed-elsewhere");
+    let removed_home = send(&mut gw, "removed-elsewhere").await.0;
+    let elsewhere = ["a", "b", "c"]
+        .into_iter()
+        .find(|r| *r != removed_home)
+        .unwrap();
+    table
+        .pin(&removed, &id(elsewhere), Duration::from_secs(600))
+        .await
+        .unwrap();
+    RedisPinTable::new(&store(&server).await)
+        .unpin(&removed, &id(elsewhere))
+        .await
+        .unwrap();
+
+    // Redis goes down; each session is moved off its ring home (as a spill would), and the
+    // write of that move never reaches Redis.
+    server.stop();
+    let mut placed = Vec::new();
+    for (s, home) in homes.iter().enumerate() {
+        let moved = ["a", "b", "c"].into_iter().find(|r| r != home).unwrap();
+        table
+            .pin(&key(s), &id(moved), Duration::from_secs(600))
+            .await
+            .unwrap();
+        placed.push(moved.to_owned());
+    }
+    // Redis comes back empty (a restart without persistence, or a failover to a replica that
+    // never got the writes); the breaker's probe closes it.
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let probe = RouteKey::from("probe");
+    loop {
+        // Until the breaker is closed and the connection is back, writes fail open.
+        table
+            .pin(&probe, &id("a"), Duration::from_secs(600))
+            .await
+            .unwrap();
+        if !table.breaker_open() && server.dbsize() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the table reaches Redis again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.raw(&[b"FLUSHALL"]);
+    assert_eq!(server.dbsize(), 0);
+    for (s, moved) in placed.iter().enumerate() {
+        let (got, reason, _) = send(&mut gw, &format!("lost-{s}")).await;
+        assert_eq!(
+            &got, moved,
+            "session {s} stays where this gateway placed it"
+        );
+        assert_eq!(reason, DecisionReason::Home);
+    }
+    // ... and the pins are back in Redis for every other gateway.
+    assert_eq!(server.dbsize(), placed.len() as u64);
+    let other = RedisPinTable::new(&store(&server).await);
+    for (s, moved) in placed.iter().enumerate() {
+        assert_eq!(other.get(&key(s)).await.unwrap(), Some(id(moved)));
+    }
+    // The pin removed elsewhere stays removed: the session goes back to its ring home.
+    assert_eq!(send(&mut gw, "removed-elsewhere").await.0, removed_home);
+}
+
+/// The ring homes of twelve fresh sessions `lost-0..12`.
+async fn ring_homes(gw: &mut Gateway) -> Vec<String> {
+    let mut homes = Vec::new();
+    for s in 0..12 {
+        homes.push(send(gw, &format!("lost-{s}")).await.0);
+    }
+    homes
+}

@@ -71,6 +71,10 @@ struct Near {
     remote_expires: Instant,
     /// When the pin expires locally (its TTL from the last placement).
     local_expires: Instant,
+    /// This gateway's last write of the pin did not reach Redis (it failed, timed out or was
+    /// skipped by the open breaker), so a miss in Redis means the write was lost, not that
+    /// another gateway removed the pin.
+    unwritten: bool,
 }
 
 /// The outage breaker: after `threshold` consecutive outage failures, Redis is skipped for
@@ -172,6 +176,7 @@ impl Local {
                 checked: now,
                 remote_expires: if known { local_expires } else { now },
                 local_expires,
+                unwritten: false,
             },
             |n| n.local_expires <= now,
         );
@@ -419,6 +424,20 @@ impl RedisPinTable {
                         self.local.remember(d, r.clone(), now, ttl, pttl > 0);
                     }
                     None => {
+                        // Redis holds no pin, but this gateway's own write of it never reached
+                        // Redis and its local TTL has not run out: the write was lost, not
+                        // removed by another gateway. Keep the placement; the caller's next
+                        // write puts it back. (A confirmed pin that is gone was unpinned or
+                        // expired elsewhere, and that is respected.)
+                        let lost = self
+                            .local
+                            .near(&d)
+                            .filter(|n| n.unwritten && n.local_expires > now)
+                            .map(|n| n.replica);
+                        if let Some(r) = lost {
+                            self.local.near.with(&d, |n| n.remote_expires = now);
+                            return Ok(Some(r));
+                        }
                         self.local.near.remove_if(&d, |_| true);
                     }
                 }
@@ -437,7 +456,7 @@ impl RedisPinTable {
     ) -> Result<(), PinError> {
         let now = Instant::now();
         if !self.local.admit() {
-            self.local.remember(d, replica, now, ttl, false);
+            self.remember_unwritten(d, replica, now, ttl);
             return self.fail(None, ());
         }
         let key = self.digest_key(&d);
@@ -491,10 +510,16 @@ impl RedisPinTable {
                 Ok(())
             }
             Err(e) => {
-                self.local.remember(d, replica, now, ttl, false);
+                self.remember_unwritten(d, replica, now, ttl);
                 self.fail(Some(e), ())
             }
         }
+    }
+
+    /// Remembers a placement whose write did not reach Redis.
+    fn remember_unwritten(&self, d: KeyDigest, replica: ReplicaId, now: Instant, ttl: Duration) {
+        self.local.remember(d, replica, now, ttl, false);
+        self.local.near.with(&d, |n| n.unwritten = true);
     }
 
     async fn remove(&self, d: KeyDigest, replica: ReplicaId) -> Result<(), PinError> {
