@@ -524,9 +524,14 @@ impl SseBody {
         if self.finished {
             return Poll::Ready(None);
         }
+        let event = match self.resp.poll_event(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(e) => e,
+        };
         let mut out = Vec::with_capacity(256);
+        // The role chunk goes out with the first token, as vLLM and SGLang send it: nothing
+        // reaches the client before the prefill is done.
         if !self.started && self.meta.kind == Kind::Chat {
-            self.started = true;
             sse(
                 &mut out,
                 &self
@@ -535,15 +540,8 @@ impl SseBody {
             );
         }
         self.started = true;
-        match self.resp.poll_event(cx) {
-            Poll::Pending => {
-                if out.is_empty() {
-                    Poll::Pending
-                } else {
-                    Poll::Ready(Some(out.into()))
-                }
-            }
-            Poll::Ready(Some(MockEvent::Token { text, .. })) => {
+        match event {
+            Some(MockEvent::Token { text, .. }) => {
                 let delta = match self.meta.kind {
                     Kind::Chat => json!({"content": text}),
                     Kind::Text => json!(text),
@@ -552,7 +550,7 @@ impl SseBody {
                 // One event per frame, so a client sees tokens as they are generated.
                 Poll::Ready(Some(out.into()))
             }
-            Poll::Ready(Some(MockEvent::Done(u))) => {
+            Some(MockEvent::Done(u)) => {
                 sse(
                     &mut out,
                     &self
@@ -569,7 +567,7 @@ impl SseBody {
                 self.finished = true;
                 Poll::Ready(Some(out.into()))
             }
-            Poll::Ready(None) => {
+            None => {
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 self.finished = true;
                 Poll::Ready(Some(out.into()))
