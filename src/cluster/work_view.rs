@@ -28,7 +28,8 @@ const MAX_GATEWAYS: usize = 256;
 const MAX_LINES: usize = 4096;
 
 /// One round: write this gateway's entry stamped with the server's clock, drop entries long
-/// dead, return the live entries of the others. One key (one hash tag): Redis Cluster safe.
+/// dead, return the live entries of the others, each led by a line `@AGE_MS` (how long ago it
+/// was written, by the server's clock). One key (one hash tag): Redis Cluster safe.
 const ROUND: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -44,7 +45,7 @@ for i = 1, #all, 2 do
   if now - ts > ttl * 10 then
     redis.call('HDEL', KEYS[1], f)
   elseif f ~= ARGV[1] and now - ts <= ttl then
-    out[#out + 1] = string.sub(v, sep + 1)
+    out[#out + 1] = '@' .. (now - ts) .. '\n' .. string.sub(v, sep + 1)
   end
 end
 return out
@@ -205,10 +206,14 @@ async fn run<B>(mut round: Round, pool: Pool<B>, stats: Arc<WorkViewStats>) {
             Ok(Ok(entries)) => {
                 let now = Instant::now();
                 let gateways = entries.len().min(MAX_GATEWAYS);
-                let sums = decode(&entries[..gateways]);
+                let read = decode(&entries[..gateways]);
                 for r in snapshot.replicas() {
-                    let f = sums.get(r.id().as_str()).copied().unwrap_or_default();
-                    r.state().work().set_foreign(f, now);
+                    let id = r.id().as_str();
+                    let (f, age) = read.work.get(id).copied().unwrap_or_default();
+                    let at = now.checked_sub(age).unwrap_or(now);
+                    r.state().work().set_foreign(f, at);
+                    let (rate, samples) = read.rates.get(id).copied().unwrap_or_default();
+                    r.state().work().set_shared_rate(rate, samples);
                 }
                 stats.rounds.fetch_add(1, Ordering::Relaxed);
                 stats.gateways.store(gateways as u64, Ordering::Relaxed);
@@ -227,11 +232,17 @@ async fn run<B>(mut round: Round, pool: Pool<B>, stats: Arc<WorkViewStats>) {
 }
 
 /// This gateway's entry: one line per replica with work outstanding,
-/// `prefill_tokens prefill_requests decode_requests decode_tokens id`, the id escaped.
+/// `prefill_tokens prefill_requests decode_requests decode_tokens id`, and one per replica whose
+/// prefill rate it has measured, `~rate samples id`; ids escaped.
 fn encode<B>(replicas: &[Arc<crate::pool::Replica<B>>]) -> String {
     let mut out = String::new();
     for r in replicas {
         let w = r.state().work();
+        if let (Some(rate), n @ 1..) = (w.rate(), w.rate_samples()) {
+            out.push_str(&format!("~{rate:.0} {n} "));
+            escape_into(r.id().as_str(), &mut out);
+            out.push('\n');
+        }
         let line = [
             w.prefill_tokens(),
             w.prefill_requests(),
@@ -251,14 +262,49 @@ fn encode<B>(replicas: &[Arc<crate::pool::Replica<B>>]) -> String {
     out
 }
 
-/// The sum per replica id of the other gateways' entries; malformed lines are skipped.
-fn decode(entries: &[Vec<u8>]) -> HashMap<String, ForeignWork> {
-    let mut sums: HashMap<String, ForeignWork> = HashMap::new();
+/// Entries older than this are taken as this old (a clock step on the server, a bad line).
+const MAX_ENTRY_AGE: Duration = Duration::from_secs(60);
+
+/// What one round read of the other gateways, per replica id.
+#[derive(Debug, Default)]
+struct Read {
+    /// The sum of their outstanding work, with its age (the prefill-token-weighted mean of the
+    /// entries' ages).
+    work: HashMap<String, (ForeignWork, Duration)>,
+    /// Their measured prefill rates (the sample-weighted geometric mean) and total samples.
+    rates: HashMap<String, (f64, u64)>,
+}
+
+/// Reads the other gateways' entries; malformed lines are skipped.
+fn decode(entries: &[Vec<u8>]) -> Read {
+    let mut sums: HashMap<String, (ForeignWork, f64)> = HashMap::new();
+    let mut rates: HashMap<String, (f64, u64)> = HashMap::new();
     for entry in entries {
         let Ok(text) = std::str::from_utf8(entry) else {
             continue;
         };
+        let mut age = 0.0;
         for line in text.lines().take(MAX_LINES) {
+            if let Some(ms) = line.strip_prefix('@') {
+                age = ms
+                    .parse::<f64>()
+                    .map_or(0.0, |ms| (ms / 1e3).clamp(0.0, MAX_ENTRY_AGE.as_secs_f64()));
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix('~') {
+                let mut parts = rest.splitn(3, ' ');
+                let rate = parts.next().and_then(|p| p.parse::<f64>().ok());
+                let n = parts.next().and_then(|p| p.parse::<u64>().ok());
+                let id = parts.next().and_then(unescape);
+                if let (Some(rate), Some(n @ 1..), Some(id)) = (rate, n, id) {
+                    if rate.is_finite() && rate > 0.0 {
+                        let (ln_sum, total) = rates.entry(id).or_default();
+                        *ln_sum += n as f64 * rate.ln();
+                        *total = total.saturating_add(n);
+                    }
+                }
+                continue;
+            }
             let mut parts = line.splitn(5, ' ');
             let mut nums = [0u64; 4];
             let mut ok = true;
@@ -274,14 +320,30 @@ fn decode(entries: &[Vec<u8>]) -> HashMap<String, ForeignWork> {
             if !ok {
                 continue;
             }
-            let s = sums.entry(id).or_default();
+            let (s, weighted_age) = sums.entry(id).or_default();
             s.prefill_tokens = s.prefill_tokens.saturating_add(nums[0]);
             s.prefill_requests = s.prefill_requests.saturating_add(nums[1]);
             s.decode_requests = s.decode_requests.saturating_add(nums[2]);
             s.decode_tokens = s.decode_tokens.saturating_add(nums[3]);
+            *weighted_age += age * nums[0] as f64;
         }
     }
-    sums
+    let work = sums
+        .into_iter()
+        .map(|(id, (work, weighted_age))| {
+            let age = if work.prefill_tokens > 0 {
+                weighted_age / work.prefill_tokens as f64
+            } else {
+                0.0
+            };
+            (id, (work, Duration::from_secs_f64(age)))
+        })
+        .collect();
+    let rates = rates
+        .into_iter()
+        .map(|(id, (ln_sum, n))| (id, ((ln_sum / n as f64).exp(), n)))
+        .collect();
+    Read { work, rates }
 }
 
 /// Percent-escapes `%`, space, `|` and line breaks, the separators of an entry.
@@ -329,9 +391,9 @@ mod tests {
             b"50 2 0 0 r0\nnot a line\n1 2 3 r2\n".to_vec(),
             vec![0xff, 0xfe],
         ];
-        let sums = decode(&entries);
+        let sums = decode(&entries).work;
         assert_eq!(
-            sums["r0"],
+            sums["r0"].0,
             ForeignWork {
                 prefill_tokens: 150,
                 prefill_requests: 3,
@@ -339,7 +401,53 @@ mod tests {
                 decode_tokens: 30
             }
         );
-        assert_eq!(sums["r1"].prefill_tokens, 5);
+        assert_eq!(sums["r1"].0.prefill_tokens, 5);
         assert!(!sums.contains_key("r2"));
+    }
+
+    #[test]
+    fn decode_ages_each_sum_by_the_tokens_behind_it() {
+        // An old gateway's entry (no age line) counts as fresh; ages are token-weighted.
+        let entries = vec![
+            b"@300
+100 1 0 0 r0
+"
+            .to_vec(),
+            b"@100
+300 1 0 0 r0
+0 0 1 9 r1
+"
+            .to_vec(),
+            b"50 1 0 0 r2
+"
+            .to_vec(),
+            b"@bogus
+10 1 0 0 r3
+"
+            .to_vec(),
+        ];
+        let sums = decode(&entries).work;
+        assert_eq!(sums["r0"].0.prefill_tokens, 400);
+        assert_eq!(sums["r0"].1, Duration::from_millis(150));
+        assert_eq!(sums["r1"].1, Duration::ZERO);
+        assert_eq!(sums["r2"].1, Duration::ZERO);
+        assert_eq!(sums["r3"].1, Duration::ZERO);
+    }
+
+    #[test]
+    fn decode_reads_the_rates_the_others_measured() {
+        let entries = vec![
+            b"~1000 10 r0\n~4000 30 r1\n".to_vec(),
+            b"~16000 10 r0\n~nan 5 r1\n~-3 5 r1\n~100 0 r2\n~5 5\n".to_vec(),
+        ];
+        let rates = decode(&entries).rates;
+        let (r0, n0) = rates["r0"];
+        assert!((r0 - 4000.0).abs() < 1e-6, "{r0}"); // geometric mean of 1k and 16k
+        assert_eq!(n0, 20);
+        let (r1, n1) = rates["r1"];
+        assert!((r1 - 4000.0).abs() < 1e-6 && n1 == 30, "{r1} {n1}");
+        assert!(!rates.contains_key("r2"));
+        // And a line of rates is no work.
+        assert!(decode(&entries).work.is_empty());
     }
 }

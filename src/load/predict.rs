@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::context::RouteContext;
-use crate::load::work::WorkPlan;
+use crate::load::work::{ForeignWork, WorkPlan};
 use crate::pool::Replica;
 use crate::prefix::{PrefixHashes, PrefixIndex, PrefixMatch};
 
@@ -66,10 +66,11 @@ impl Default for TtftModel {
 }
 
 impl TtftModel {
-    /// The replica's prefill rate in tokens/s (learned, or seeded from its weight).
+    /// The replica's prefill rate in tokens/s: learned (by this router and, through a shared
+    /// work view, by the others), or seeded from its weight.
     pub fn rate<B>(&self, replica: &Replica<B>) -> f64 {
         let seed = self.base_rate * replica.weight().get();
-        replica.state().work().rate_or_seed(seed)
+        replica.state().work().blended_rate(seed)
     }
 
     /// Prefill tokens queued on the replica ahead of a new request.
@@ -77,9 +78,10 @@ impl TtftModel {
         let work = replica.state().work();
         let mut queued = work.prefill_tokens() as f64;
         let mut known = work.prefill_requests();
-        if let Some(foreign) = self.shared_max_age.and_then(|age| work.foreign(age)) {
-            queued += foreign.prefill_tokens as f64;
-            known += foreign.prefill_requests;
+        if let Some((foreign, age)) = self.shared_max_age.and_then(|a| work.foreign_aged(a)) {
+            let (tokens, requests) = drained(&foreign, age, queued, self.rate(replica));
+            queued += tokens;
+            known += requests;
         }
         if let Some(max_age) = self.report_max_age {
             if let Some(report) = replica.state().load_report() {
@@ -89,13 +91,21 @@ impl TtftModel {
                 let newer = work
                     .last_first_data()
                     .is_none_or(|t| report.observed_at > t);
-                if newer && report.waiting > known && report.is_fresh(Instant::now(), max_age) {
+                let now = Instant::now();
+                if newer && report.waiting > known && report.is_fresh(now, max_age) {
                     let avg = if known > 0 {
                         queued / known as f64
                     } else {
                         DEFAULT_FOREIGN_PROMPT
                     };
-                    queued += (report.waiting - known) as f64 * avg;
+                    // Waiting then; the replica has been prefilling since the report was taken.
+                    let unknown = ForeignWork {
+                        prefill_tokens: ((report.waiting - known) as f64 * avg) as u64,
+                        prefill_requests: report.waiting - known,
+                        ..ForeignWork::default()
+                    };
+                    let age = now.saturating_duration_since(report.observed_at);
+                    queued += drained(&unknown, age, queued, self.rate(replica)).0;
                 }
             }
         }
@@ -116,6 +126,22 @@ impl TtftModel {
             f64::MAX
         }
     }
+}
+
+/// What is left of other routers' queued prefill `age` after they published it: the replica
+/// has been prefilling since, at `rate` tokens/s shared between their work and the `local`
+/// tokens queued now (in proportion). Returns (tokens, requests), the requests scaled with the
+/// tokens. Without this a view one period old makes a replica that has just finished a burst
+/// look busy, and sessions leave a home that is idle.
+fn drained(foreign: &ForeignWork, age: Duration, local: f64, rate: f64) -> (f64, u64) {
+    let tokens = foreign.prefill_tokens as f64;
+    if tokens <= 0.0 || !rate.is_finite() || rate <= 0.0 {
+        return (tokens, foreign.prefill_requests);
+    }
+    let share = tokens / (tokens + local.max(0.0));
+    let left = (tokens - rate * age.as_secs_f64() * share).max(0.0);
+    let requests = (foreign.prefill_requests as f64 * left / tokens).ceil() as u64;
+    (left, requests.min(foreign.prefill_requests))
 }
 
 /// How a picking layer places requests.
@@ -372,5 +398,39 @@ pub(crate) fn push_indexed<B>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work(tokens: u64, requests: u64) -> ForeignWork {
+        ForeignWork {
+            prefill_tokens: tokens,
+            prefill_requests: requests,
+            ..ForeignWork::default()
+        }
+    }
+
+    #[test]
+    fn foreign_work_drains_with_its_age_at_its_share_of_the_rate() {
+        let f = work(10_000, 4);
+        // Fresh: all of it.
+        assert_eq!(drained(&f, Duration::ZERO, 0.0, 10_000.0), (10_000.0, 4));
+        // Half a second alone at 10k tok/s: half left, requests scaled (rounded up).
+        assert_eq!(
+            drained(&f, Duration::from_millis(500), 0.0, 10_000.0),
+            (5_000.0, 2)
+        );
+        // Sharing the replica with as much local work: drains half as fast.
+        assert_eq!(
+            drained(&f, Duration::from_millis(500), 10_000.0, 10_000.0),
+            (7_500.0, 3)
+        );
+        // Long gone: nothing left.
+        assert_eq!(drained(&f, Duration::from_secs(5), 0.0, 10_000.0), (0.0, 0));
+        // No rate: nothing assumed drained.
+        assert_eq!(drained(&f, Duration::from_secs(5), 0.0, 0.0), (10_000.0, 4));
     }
 }

@@ -109,6 +109,9 @@ pub struct WorkState {
     fit: parking_lot::Mutex<LatencyFit>,
     /// What other routers (gateways sharing a work view) have outstanding here.
     foreign: parking_lot::Mutex<Option<(ForeignWork, tokio::time::Instant)>>,
+    /// The prefill rate other routers learned here (f64 bits; 0 = none) and their samples.
+    shared_rate: AtomicU64,
+    shared_rate_samples: AtomicU64,
 }
 
 /// The work other routers have outstanding on a replica, as a shared work view (for example
@@ -124,6 +127,9 @@ pub struct ForeignWork {
     /// Expected output tokens of their streaming requests.
     pub decode_tokens: u64,
 }
+
+/// Most samples either side counts for in [`WorkState::blended_rate`].
+pub const BLEND_SAMPLES: u64 = 32;
 
 /// Weight each older sample keeps per new one in the latency fit (about 20 samples' memory).
 const FIT_DECAY: f64 = 0.95;
@@ -223,16 +229,25 @@ impl WorkState {
         Duration::try_from_secs_f64(self.fit.lock().overhead).unwrap_or_default()
     }
 
-    /// Records what other routers have outstanding here, as read at `at`.
+    /// Records what other routers have outstanding here, as it stood at `at` (when they
+    /// published it, not when it was read).
     pub fn set_foreign(&self, work: ForeignWork, at: tokio::time::Instant) {
         *self.foreign.lock() = Some((work, at));
     }
 
-    /// What other routers have outstanding here, if it was read within `max_age`.
+    /// What other routers have outstanding here, if it is at most `max_age` old.
     pub fn foreign(&self, max_age: Duration) -> Option<ForeignWork> {
+        self.foreign_aged(max_age).map(|(work, _)| work)
+    }
+
+    /// What other routers have outstanding here and how old the figures are, if at most
+    /// `max_age`: a figure that old overstates the work still queued, which the replica has
+    /// been working through since.
+    pub fn foreign_aged(&self, max_age: Duration) -> Option<(ForeignWork, Duration)> {
         let guard = self.foreign.lock();
         let (work, at) = (*guard)?;
-        (at.elapsed() <= max_age).then_some(work)
+        let age = at.elapsed();
+        (age <= max_age).then_some((work, age))
     }
 
     /// A replica with no work and no rate yet.
@@ -289,6 +304,49 @@ impl WorkState {
             Ok(_) => seed,
             Err(now) => f64::from_bits(now),
         }
+    }
+
+    /// Records the prefill rate other routers learned here (their sample-weighted mean) and
+    /// how many samples it rests on; `samples == 0` clears it.
+    pub fn set_shared_rate(&self, rate: f64, samples: u64) {
+        let ok = samples > 0 && rate.is_finite() && rate > 0.0;
+        self.shared_rate.store(
+            if ok { clamp_rate(rate).to_bits() } else { 0 },
+            Ordering::Relaxed,
+        );
+        self.shared_rate_samples
+            .store(if ok { samples } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// The prefill rate other routers learned here and their samples, if any did.
+    pub fn shared_rate(&self) -> Option<(f64, u64)> {
+        let r = f64::from_bits(self.shared_rate.load(Ordering::Relaxed));
+        let n = self.shared_rate_samples.load(Ordering::Relaxed);
+        (r > 0.0 && n > 0).then_some((r, n))
+    }
+
+    /// The rate to predict with: this router's own (learned, else `seed`), blended with the
+    /// rate other routers learned here in proportion to the samples behind each (each side's
+    /// count capped at [`BLEND_SAMPLES`], so neither drowns the other). A gateway that has just
+    /// started, or sends little to this replica, predicts with what the cluster measured
+    /// instead of its seed.
+    ///
+    /// ```
+    /// use replica_router::load::work::WorkState;
+    /// let w = WorkState::new();
+    /// assert_eq!(w.blended_rate(10_000.0), 10_000.0);
+    /// w.set_shared_rate(1_000_000.0, 50); // other gateways measured 1M tokens/s
+    /// assert!((w.blended_rate(10_000.0) - 1_000_000.0).abs() < 1.0);
+    /// ```
+    pub fn blended_rate(&self, seed: f64) -> f64 {
+        let own = self.rate_or_seed(seed);
+        let Some((shared, n_shared)) = self.shared_rate() else {
+            return own;
+        };
+        let n_own = self.rate_samples().min(BLEND_SAMPLES) as f64;
+        let n_shared = n_shared.min(BLEND_SAMPLES) as f64;
+        let ln = (n_own * own.ln() + n_shared * shared.ln()) / (n_own + n_shared);
+        clamp_rate(ln.exp())
     }
 
     /// Folds in one request's time to first data frame: `tokens` of prefill work (the work ahead
