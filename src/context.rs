@@ -129,6 +129,11 @@ pub struct RouteContext {
     /// Estimated tokens of the request (prompt plus expected output), for token-aware load and
     /// token quotas. 0 when unknown.
     pub estimated_tokens: u64,
+    /// Tokens the request needs in a replica's context window (estimated prompt plus the
+    /// `max_tokens` it asks for), for [`fit`](crate::fit): a replica whose
+    /// [`max_context`](crate::replica::ReplicaSpec::max_context) is smaller never gets it. 0
+    /// when unknown (every replica fits).
+    pub context_tokens: u64,
     /// Priority for shedding and admission.
     pub priority: Priority,
     /// Fingerprints of the prompt's leading blocks, for cache affinity without a session key
@@ -302,6 +307,7 @@ impl HeaderExtractor {
             estimated_tokens,
             priority,
             prefix: None,
+            context_tokens: 0,
         })
     }
 }

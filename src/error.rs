@@ -134,6 +134,20 @@ pub enum RouteError {
     /// unavailable (HTTP 503).
     #[error("routing dependency unavailable: {0}")]
     Unavailable(String),
+    /// The request needs more context (prompt plus `max_tokens`) than any replica of the pool
+    /// accepts (HTTP 400, code `context_length_exceeded`, as OpenAI-compatible servers answer):
+    /// refused before any replica spends a prefill on it. Raised by
+    /// [`ContextFit`](crate::fit::ContextFit).
+    #[error(
+        "this request needs about {needed} tokens of context (prompt plus max_tokens), more than \
+         any replica accepts (largest: {largest}); shorten the prompt or lower max_tokens"
+    )]
+    ContextTooLong {
+        /// Tokens the request needs (estimated prompt plus `max_tokens`).
+        needed: u64,
+        /// The largest `max_context` among the pool's replicas.
+        largest: u64,
+    },
 }
 
 impl RouteError {
@@ -153,7 +167,9 @@ impl RouteError {
             RouteError::Overloaded { .. } | RouteError::QuotaExceeded { .. } => {
                 S::TOO_MANY_REQUESTS
             }
-            RouteError::InvalidKey { .. } | RouteError::InvalidRequest(_) => S::BAD_REQUEST,
+            RouteError::InvalidKey { .. }
+            | RouteError::InvalidRequest(_)
+            | RouteError::ContextTooLong { .. } => S::BAD_REQUEST,
             RouteError::NoRoute { .. } => S::NOT_FOUND,
             RouteError::Backend { .. } => S::BAD_GATEWAY,
         }
@@ -187,6 +203,7 @@ impl RouteError {
             RouteError::NoRoute { .. } => "route_not_found",
             RouteError::Backend { .. } => "backend_error",
             RouteError::Unavailable(_) => "unavailable",
+            RouteError::ContextTooLong { .. } => "context_length_exceeded",
         }
     }
 

@@ -104,6 +104,7 @@ pub mod context;
 pub mod decision;
 pub mod dispatch;
 pub mod error;
+pub mod fit;
 pub mod future;
 pub mod guide;
 pub mod health;

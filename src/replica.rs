@@ -181,6 +181,19 @@ impl ReplicaSpec {
         self
     }
 
+    /// Whether a request needing `tokens` of context fits this replica (always, when its
+    /// `max_context` is unknown).
+    ///
+    /// ```
+    /// use replica_router::replica::ReplicaSpec;
+    /// let spec = ReplicaSpec::new("m").max_context(8_192);
+    /// assert!(spec.fits(8_192) && !spec.fits(8_193));
+    /// assert!(ReplicaSpec::new("m").fits(1_000_000));
+    /// ```
+    pub fn fits(&self, tokens: u64) -> bool {
+        self.max_context == 0 || tokens <= u64::from(self.max_context)
+    }
+
     /// Sets the capacity weight.
     pub fn capacity_weight(mut self, w: f64) -> Self {
         self.capacity_weight = w;

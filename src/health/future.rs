@@ -108,9 +108,17 @@ where
             self.tried.push(replica.clone());
         }
         let snap = self.pool.load();
+        let needed = self
+            .spare
+            .as_ref()
+            .and_then(|r| r.route_context())
+            .map_or(0, |c| c.context_tokens);
         let mut best: Option<(usize, f64)> = None;
         for (i, r) in snap.replicas().iter().enumerate() {
-            if !r.state().is_eligible() || self.tried.iter().any(|t| t == r.id()) {
+            if !r.state().is_eligible()
+                || !r.spec().fits(needed)
+                || self.tried.iter().any(|t| t == r.id())
+            {
                 continue;
             }
             let load = snap.weighted_load(i, LoadMeasure::default());
