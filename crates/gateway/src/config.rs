@@ -134,28 +134,67 @@ pub enum CounterStoreSpec {
     Redis(String),
 }
 
-/// One `--replica URL[,weight=W]`.
+/// One `--replica URL[,weight=W][,model=NAME][,max_context=N][,tp=N][,pp=N]`.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ReplicaArg {
     /// Base URL (`http://host:port`, optionally with a path prefix).
     pub url: String,
     /// Capacity weight (default 1).
     pub weight: f64,
+    /// The model this replica serves (`model=NAME`): replicas of one model form a pool, and
+    /// requests go to the pool their body's `model` names. `None` on every replica: one pool
+    /// for whatever model a request names.
+    pub model: Option<String>,
+    /// The longest context the replica accepts, in tokens (`max_context=N`); when not given,
+    /// read from the replica's `GET /v1/models` (`max_model_len`) at start, else unknown.
+    pub max_context: Option<u32>,
+    /// Tensor-parallel degree inside the replica (`tp=N`, default 1).
+    pub tensor_parallel: u32,
+    /// Pipeline-parallel degree inside the replica (`pp=N`, default 1).
+    pub pipeline_parallel: u32,
 }
 
 impl ReplicaArg {
-    /// Parses `URL[,weight=W]`.
+    /// A replica at `url` with weight 1 and nothing else declared.
+    pub fn new(url: impl Into<String>) -> Self {
+        ReplicaArg {
+            url: url.into(),
+            weight: 1.0,
+            model: None,
+            max_context: None,
+            tensor_parallel: 1,
+            pipeline_parallel: 1,
+        }
+    }
+
+    /// Parses `URL[,weight=W][,model=NAME][,max_context=N][,tp=N][,pp=N]`.
+    ///
+    /// ```
+    /// use replica_router_gateway::ReplicaArg;
+    /// let r = ReplicaArg::parse("http://10.0.0.1:8000,model=llama-70b,tp=2,max_context=32768").unwrap();
+    /// assert_eq!(r.model.as_deref(), Some("llama-70b"));
+    /// assert_eq!((r.tensor_parallel, r.max_context), (2, Some(32_768)));
+    /// assert!(ReplicaArg::parse("http://10.0.0.1:8000,tp=0").is_err());
+    /// ```
     pub fn parse(s: &str) -> Result<ReplicaArg, ConfigError> {
         let mut parts = s.split(',');
         let url = parts.next().unwrap_or_default().trim().to_owned();
         if url.is_empty() {
             return Err(ConfigError::new(format!("--replica {s:?}: no URL")));
         }
-        let mut weight = 1.0;
+        let mut arg = ReplicaArg::new(url);
+        let count = |what: &str, v: &str| -> Result<u32, ConfigError> {
+            v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ConfigError::new(format!(
+                    "--replica {s:?}: {what} must be a whole number > 0"
+                ))
+            })
+        };
         for p in parts {
             match p.trim().split_once('=') {
                 Some(("weight", w)) => {
-                    weight = w
+                    arg.weight = w
                         .parse::<f64>()
                         .ok()
                         .filter(|w| w.is_finite() && *w > 0.0)
@@ -165,14 +204,19 @@ impl ReplicaArg {
                             ))
                         })?;
                 }
+                Some(("model", m)) if !m.trim().is_empty() => arg.model = Some(m.trim().to_owned()),
+                Some(("max_context", n)) => arg.max_context = Some(count("max_context", n)?),
+                Some(("tp", n)) => arg.tensor_parallel = count("tp", n)?,
+                Some(("pp", n)) => arg.pipeline_parallel = count("pp", n)?,
                 _ => {
                     return Err(ConfigError::new(format!(
-                        "--replica {s:?}: unknown option {p:?} (expected weight=W)"
+                        "--replica {s:?}: unknown option {p:?} (expected weight=W, model=NAME, \
+                         max_context=N, tp=N or pp=N)"
                     )))
                 }
             }
         }
-        Ok(ReplicaArg { url, weight })
+        Ok(arg)
     }
 }
 
@@ -181,7 +225,8 @@ impl ReplicaArg {
 pub struct GatewayConfig {
     /// Address to listen on (`--listen`, default `127.0.0.1:8080`; port 0 picks a free port).
     pub listen: SocketAddr,
-    /// The replicas (`--replica URL[,weight=W]`, repeatable).
+    /// The replicas (`--replica URL[,weight=W][,model=NAME][,max_context=N][,tp=N][,pp=N]`,
+    /// repeatable).
     pub replicas: Vec<ReplicaArg>,
     /// Session header for affinity (`--affinity-header`, default `x-session-id`).
     pub affinity_header: HeaderName,
@@ -337,7 +382,8 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// The gateway's usage text.
-pub const USAGE: &str = "usage: gateway --replica URL[,weight=W] [--replica ...] [--listen ADDR]
+pub const USAGE: &str = "usage: gateway --replica URL[,weight=W][,model=NAME][,max_context=N][,tp=N][,pp=N]
+  [--replica ...] [--listen ADDR]
   [--policy affinity|least-loaded|round-robin] [--placement predicted-ttft|requests]
   [--affinity-header NAME] [--user-header NAME]
   [--tenant-header NAME] [--slo-wait-ms N] [--tenant-rate N/SECS] [--tenant-tokens N/SECS]
@@ -583,8 +629,8 @@ mod tests {
         assert_eq!(
             cfg.replicas[0],
             ReplicaArg {
-                url: "http://a:1".into(),
-                weight: 0.5
+                weight: 0.5,
+                ..ReplicaArg::new("http://a:1")
             }
         );
         assert_eq!(cfg.affinity_header, "x-conversation");

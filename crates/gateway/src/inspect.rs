@@ -23,6 +23,8 @@ pub enum ApiKind {
 /// What the gateway learns from a valid body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyInfo {
+    /// The `model` the request names.
+    pub model: String,
     /// Estimated prompt tokens (text bytes / 4, plus one per token id, plus a few per message).
     pub prompt_tokens: u64,
     /// `max_completion_tokens` or `max_tokens`, if given.
@@ -41,6 +43,27 @@ pub struct BodyInfo {
     pub conversation: Option<u64>,
 }
 
+/// The `model` of any other JSON request body (`/v1/embeddings` and the like): `Ok(None)` when
+/// the body has no `model` field, an error when it is not JSON or `model` is not a string.
+///
+/// ```
+/// use replica_router_gateway::body_model;
+/// assert_eq!(body_model(br#"{"model":"bge-m3","input":"hi"}"#).unwrap().as_deref(), Some("bge-m3"));
+/// assert_eq!(body_model(br#"{"input":"hi"}"#).unwrap(), None);
+/// assert!(body_model(br#"{"model":7}"#).is_err());
+/// assert!(body_model(b"not json").is_err());
+/// ```
+pub fn body_model(body: &[u8]) -> Result<Option<String>, String> {
+    #[derive(Deserialize)]
+    struct ModelOnly<'a> {
+        #[serde(default, borrow)]
+        model: Option<Str<'a>>,
+    }
+    let probe: ModelOnly<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+    Ok(probe.model.map(|m| m.0.into_owned()))
+}
+
 /// Output tokens assumed when a request gives no `max_tokens`, for the route context's estimate.
 pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 256;
 
@@ -49,6 +72,15 @@ impl BodyInfo {
     pub fn estimated_tokens(&self) -> u64 {
         self.prompt_tokens
             .saturating_add(self.max_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE))
+    }
+
+    /// Context the request needs on a replica, for
+    /// [`RouteContext::context_tokens`](replica_router::context::RouteContext): the prompt
+    /// estimate plus `max_tokens` when given (without it, engines generate into whatever
+    /// context is left, so only the prompt must fit).
+    pub fn context_tokens(&self) -> u64 {
+        self.prompt_tokens
+            .saturating_add(self.max_tokens.unwrap_or(0))
     }
 }
 
@@ -81,11 +113,11 @@ const MAX_DEPTH: u32 = 32;
 pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
     let probe: Probe<'_> =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
-    match probe.model {
-        Some(m) if !m.is_empty() => {}
+    let model = match probe.model {
+        Some(m) if !m.is_empty() => m.0.into_owned(),
         Some(_) => return Err("`model` must not be empty".into()),
         None => return Err("missing field `model`".into()),
-    }
+    };
     let mut text = match kind {
         ApiKind::Chat => probe.messages.ok_or("missing field `messages`")?,
         ApiKind::Completion => probe.prompt.ok_or("missing field `prompt`")?,
@@ -107,6 +139,7 @@ pub fn inspect_body(kind: ApiKind, body: &[u8]) -> Result<BodyInfo, String> {
         None
     };
     Ok(BodyInfo {
+        model,
         conversation,
         prompt_tokens,
         max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
@@ -132,7 +165,7 @@ struct Probe<'a> {
 }
 
 /// A string, borrowed from the body when it has no escapes; only its emptiness is looked at.
-struct Str<'a>(#[allow(dead_code)] std::borrow::Cow<'a, str>);
+struct Str<'a>(std::borrow::Cow<'a, str>);
 
 impl Str<'_> {
     fn is_empty(&self) -> bool {
@@ -152,12 +185,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
                 Ok(Str(std::borrow::Cow::Borrowed(v)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                // Escaped strings come through a scratch buffer; only the length matters.
-                Ok(Str(std::borrow::Cow::Borrowed(if v.is_empty() {
-                    ""
-                } else {
-                    "?"
-                })))
+                // Escaped strings come through a scratch buffer.
+                Ok(Str(std::borrow::Cow::Owned(v.to_owned())))
             }
         }
         d.deserialize_str(V)

@@ -87,6 +87,7 @@ mod inspect;
 mod limits;
 mod service;
 mod settle;
+mod tiers;
 mod upstream;
 
 use std::convert::Infallible;
@@ -105,7 +106,7 @@ pub use self::config::{
     ConfigError, CounterStoreSpec, GatewayConfig, ImplicitSessions, PlacementMode, Policy, Rate,
     ReplicaArg, TransportConfig, DEFAULT_MAX_BODY_BYTES, USAGE,
 };
-pub use self::inspect::{inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
+pub use self::inspect::{body_model, inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
 pub use self::limits::SMALL_BODY_BYTES;
 pub use self::service::UpstreamRequest;
 pub use self::upstream::{Upstream, UpstreamBody, UpstreamFuture};
@@ -118,7 +119,6 @@ use replica_router::health::{
 use replica_router::http_backend::HttpReplicaError;
 use replica_router::pool::Pool;
 use replica_router::replica::PoolError;
-use replica_router::replica::ReplicaSpec;
 
 /// Renders the application's metrics recorder (for example a `PrometheusHandle::render`).
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
@@ -145,8 +145,8 @@ pub enum GatewayError {
 /// requests in progress.
 pub struct Gateway {
     addr: SocketAddr,
-    pool: Pool<Upstream>,
-    _health: HealthCheckHandle,
+    tiers: Vec<tiers::Tier>,
+    _health: Vec<HealthCheckHandle>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -159,26 +159,13 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// Builds the pool of HTTP replicas of `cfg` (ids are the URLs' `host:port[/prefix]`).
+/// Builds one pool of all the HTTP replicas of `cfg` (ids are the URLs' `host:port[/prefix]`;
+/// each replica's `model`, `max_context`, `tp` and `pp` go into its spec), for
+/// [`Gateway::serve`]. [`Gateway::bind`] builds one pool per model instead.
 pub fn build_pool(cfg: &GatewayConfig) -> Result<Pool<Upstream>, GatewayError> {
-    let mut builder = Pool::builder().allow_empty();
-    for r in &cfg.replicas {
-        let t = &cfg.transport;
-        let replica = Upstream::with_timeouts(
-            &r.url,
-            cfg.upstream_idle_per_replica,
-            (!t.upstream_ttfb_timeout.is_zero()).then_some(t.upstream_ttfb_timeout),
-            (!t.upstream_idle_timeout.is_zero()).then_some(t.upstream_idle_timeout),
-        )?;
-        let id = replica.base_url();
-        let id = id.strip_prefix("http://").unwrap_or(id).to_owned();
-        builder = builder.replica(
-            id,
-            ReplicaSpec::new("served-model").capacity_weight(r.weight),
-            replica,
-        );
-    }
-    Ok(builder.build()?)
+    let all: Vec<&ReplicaArg> = cfg.replicas.iter().collect();
+    let model = cfg.replicas.first().and_then(|r| r.model.as_deref());
+    tiers::build_tier_pool(cfg, model, &all)
 }
 
 impl Gateway {
@@ -188,33 +175,48 @@ impl Gateway {
     }
 
     /// Like [`Gateway::bind`], with a metrics recorder rendering for `GET /metrics`.
+    ///
+    /// Replicas that name their model (`--replica URL,model=NAME`) form one pool per model, and
+    /// each request goes to the pool its `model` names. Replicas that declare no `max_context`
+    /// are asked for it first (`GET /v1/models`, at most 2 s).
     pub async fn bind_with_metrics(
-        cfg: GatewayConfig,
+        mut cfg: GatewayConfig,
         render: Option<MetricsRender>,
     ) -> Result<Gateway, GatewayError> {
-        let pool = build_pool(&cfg)?;
+        tiers::discover_limits(&mut cfg).await;
+        let tiers = tiers::build_tiers(&cfg)?;
         let listener = TcpListener::bind(cfg.listen).await?;
-        Self::serve(listener, &cfg, pool, render).await
+        Self::serve_tiers(listener, &cfg, tiers, render).await
     }
 
     /// Serves on an already bound listener, routing over `pool` (whose membership the caller may
-    /// change at run time), on the current tokio runtime.
+    /// change at run time), on the current tokio runtime. One pool: requests are not routed by
+    /// model.
     pub async fn serve(
         listener: TcpListener,
         cfg: &GatewayConfig,
         pool: Pool<Upstream>,
         render: Option<MetricsRender>,
     ) -> Result<Gateway, GatewayError> {
+        let tiers = vec![tiers::Tier { model: None, pool }];
+        Self::serve_tiers(listener, cfg, tiers, render).await
+    }
+
+    async fn serve_tiers(
+        listener: TcpListener,
+        cfg: &GatewayConfig,
+        tiers: Vec<tiers::Tier>,
+        render: Option<MetricsRender>,
+    ) -> Result<Gateway, GatewayError> {
         let addr = listener.local_addr()?;
-        let outliers = outlier_detector(&pool);
-        let shared = shared(cfg, &pool, &outliers, render).await?;
+        let (shared, health) = shared(cfg, &tiers, render).await?;
         let (stop, stopped) = oneshot::channel();
         let ctl = ServeCtl::new(&cfg.transport);
         let task = tokio::spawn(accept_loop(listener, shared, ctl, stopped));
         Ok(Gateway {
-            _health: health(&pool, outliers),
+            _health: health,
             addr,
-            pool,
+            tiers,
             stop: Some(stop),
             task: Some(task),
         })
@@ -226,15 +228,15 @@ impl Gateway {
     /// request is then served start to end on one thread, with no cross-thread wake-ups. The
     /// replica pool (and so the in-flight accounting the picking layers read) is shared by all.
     pub async fn bind_sharded(
-        cfg: GatewayConfig,
+        mut cfg: GatewayConfig,
         shards: usize,
         render: Option<MetricsRender>,
     ) -> Result<Gateway, GatewayError> {
-        let pool = build_pool(&cfg)?;
+        tiers::discover_limits(&mut cfg).await;
+        let tiers = tiers::build_tiers(&cfg)?;
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
-        let outliers = outlier_detector(&pool);
-        let shared = shared(&cfg, &pool, &outliers, render).await?;
+        let (shared, health) = shared(&cfg, &tiers, render).await?;
         let mut senders = Vec::new();
         let mut done = Vec::new();
         let ctl = ServeCtl::new(&cfg.transport);
@@ -276,9 +278,9 @@ impl Gateway {
             }
         });
         Ok(Gateway {
-            _health: health(&pool, outliers),
+            _health: health,
             addr,
-            pool,
+            tiers,
             stop: Some(stop),
             task: Some(task),
         })
@@ -289,9 +291,16 @@ impl Gateway {
         self.addr
     }
 
-    /// The replica pool (membership can be changed while serving).
+    /// The replica pool (membership can be changed while serving); with one pool per model,
+    /// the first model's.
     pub fn pool(&self) -> &Pool<Upstream> {
-        &self.pool
+        &self.tiers[0].pool
+    }
+
+    /// Every pool with the model it serves (`None`: the one pool of a gateway that does not
+    /// route by model).
+    pub fn pools(&self) -> impl Iterator<Item = (Option<&str>, &Pool<Upstream>)> {
+        self.tiers.iter().map(|t| (t.model.as_deref(), &t.pool))
     }
 
     /// Stops accepting, closes idle connections, and waits for the requests in progress (streams
@@ -314,40 +323,48 @@ impl Drop for Gateway {
     }
 }
 
+/// The state every connection shares, and the pools' health checkers.
 async fn shared(
     cfg: &GatewayConfig,
-    pool: &Pool<Upstream>,
-    outliers: &OutlierDetector<Upstream>,
+    tiers: &[tiers::Tier],
     render: Option<MetricsRender>,
-) -> Result<Arc<Shared>, GatewayError> {
-    let mut layers = service::store_layers(cfg, pool).await?;
-    let work_view = layers.work_view.take();
+) -> Result<(Arc<Shared>, Vec<HealthCheckHandle>), GatewayError> {
+    let mut layers = service::store_layers(cfg, tiers).await?;
+    let work_views = std::mem::take(&mut layers.work_views);
     let auth = layers.auth.take();
-    let replica_headers = pool
-        .snapshot()
-        .replicas()
+    let mut replica_headers = Vec::new();
+    for t in tiers {
+        for r in t.pool.snapshot().replicas() {
+            if let Ok(v) = http::HeaderValue::from_str(r.id().as_str()) {
+                replica_headers.push((r.id().clone(), v));
+            }
+        }
+    }
+    let with_outliers: Vec<(tiers::Tier, OutlierDetector<Upstream>)> = tiers
         .iter()
-        .filter_map(|r| {
-            Some((
-                r.id().clone(),
-                http::HeaderValue::from_str(r.id().as_str()).ok()?,
-            ))
-        })
+        .map(|t| (t.clone(), outlier_detector(&t.pool)))
         .collect();
-    Ok(Arc::new(Shared {
+    let stack = service::build_stack(cfg, &with_outliers, layers)?;
+    let health = with_outliers
+        .into_iter()
+        .map(|(t, outliers)| health(&t.pool, outliers))
+        .collect();
+    let shared = Arc::new(Shared {
         limits: limits::Limits::new(&cfg.transport),
-        stack: service::build_stack(cfg, pool, layers, outliers)?,
+        stack,
         extractor: service::extractor(cfg),
-        pool: pool.clone(),
+        by_model: tiers.iter().any(|t| t.model.is_some()),
+        tiers: tiers.to_vec(),
         max_body: cfg.max_body_bytes,
         render,
         counters: Counters::new(),
         replica_headers,
         implicit_sessions: cfg.implicit_sessions.enabled(&cfg.counter_store),
-        _work_view: work_view,
+        _work_views: work_views,
         auth,
         trust_tenant_header: cfg.trust_tenant_header,
-    }))
+    });
+    Ok((shared, health))
 }
 
 /// Passive outlier detection over `pool`, fed by every request's outcome (see

@@ -20,16 +20,19 @@ use replica_router::context::{HeaderExtractor, RouteContextService};
 use replica_router::decision::{Decision, DecisionReason};
 use replica_router::dispatch::Dispatch;
 use replica_router::error::{json_escape_into, openai_error_json, RouteError};
+use replica_router::fit::{ContextFit, ContextFitLayer};
 use replica_router::inflight::TrackedBody;
 use replica_router::pool::Pool;
 use replica_router::replica::ReplicaId;
 use replica_router::rng::RngSeed;
+use replica_router::select::{ByModel, ModelName, Select};
 
 use super::auth::ApiKeys;
 use super::body::GatewayBody;
 use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, PlacementMode, Policy};
-use super::inspect::{inspect_body, ApiKind};
+use super::inspect::{body_model, inspect_body, ApiKind};
 use super::settle::Settle;
+use super::tiers::{Tier, ANY_MODEL};
 use super::GatewayError;
 use super::MetricsRender;
 use replica_router::affinity::{
@@ -109,19 +112,24 @@ impl tower::Service<UpstreamRequest> for Picker {
     }
 }
 
-/// Failover over passive outlier detection over the picker: a request whose replica failed before
-/// answering (refused or reset connection) is sent again to another replica (decision reason
-/// `Failover`, so an affinity session is re-pinned there), and every attempt's outcome feeds the
-/// outlier detector, which ejects a replica that keeps failing.
-pub(crate) type Resilient = Failover<OutlierDetection<Picker>, Upstream>;
-/// SLO shedding over failover, when `--slo-wait-ms` is set.
+/// The context-length fit over the picker: a request that fits only some replicas' context
+/// windows is placed among those; one that fits none is refused (400).
+pub(crate) type Fitted = ContextFit<Picker, Upstream>;
+/// Failover over passive outlier detection over the fit and the picker: a request whose replica
+/// failed before answering (refused or reset connection) is sent again to another replica
+/// (decision reason `Failover`, so an affinity session is re-pinned there), and every attempt's
+/// outcome feeds the outlier detector, which ejects a replica that keeps failing.
+pub(crate) type Resilient = Failover<OutlierDetection<Fitted>, Upstream>;
+/// SLO shedding over failover, when `--slo-wait-ms` is set: one pool's whole stack.
 pub(crate) type Admission = Either<Shed<Resilient, Upstream>, Resilient>;
-/// The tenant quota over shedding, when `--tenant-rate` or `--tenant-tokens` is set.
-pub(crate) type Quotas = Either<Quota<Admission>, Admission>;
+/// One pool's stack, or (with `--replica URL,model=NAME`) the pool the request's `model` names.
+pub(crate) type Routed = Either<Select<Admission, ByModel>, Admission>;
+/// The tenant quota over the pools, when `--tenant-rate` or `--tenant-tokens` is set.
+pub(crate) type Quotas = Either<Quota<Routed>, Routed>;
 
-/// The whole routing stack, outermost first: route context -> tenant quota -> SLO shedding ->
-/// failover -> outlier detection -> picker (affinity over least-in-flight, or least-in-flight, or
-/// round-robin) -> dispatch.
+/// The whole routing stack, outermost first: route context -> tenant quota -> the model's pool
+/// -> SLO shedding -> failover -> outlier detection -> context fit -> picker (affinity over
+/// least-in-flight, or least-in-flight, or round-robin) -> dispatch.
 pub(crate) type Stack = RouteContextService<Quotas, HeaderExtractor>;
 
 /// The layers whose state may live in the counter store: the tenant quota (if `--tenant-rate` or
@@ -130,9 +138,9 @@ pub(crate) type Stack = RouteContextService<Quotas, HeaderExtractor>;
 pub(crate) struct StoreLayers {
     quota: Option<QuotaLayer>,
     pins: Option<Arc<dyn PinTable>>,
-    /// The shared work view (Redis store and `--work-view-ms` > 0): kept for as long as the
-    /// gateway serves; dropping it stops publishing.
-    pub(crate) work_view: Option<replica_router_work_view::Handle>,
+    /// The shared work views, one per pool (Redis store and `--work-view-ms` > 0): kept for as
+    /// long as the gateway serves; dropping them stops publishing.
+    pub(crate) work_views: Vec<replica_router_work_view::Handle>,
     /// The `--api-keys` file, for [`Shared::auth`] (taken out before the stack is built).
     pub(crate) auth: Option<ApiKeys>,
 }
@@ -154,7 +162,7 @@ fn implicit_session(digest: u64) -> replica_router::context::RouteKey {
 /// Connects the counter store (once) and builds the layers that use it.
 pub(crate) async fn store_layers(
     cfg: &GatewayConfig,
-    pool: &Pool<Upstream>,
+    tiers: &[Tier],
 ) -> Result<StoreLayers, GatewayError> {
     let mut limits = TenantLimits::unlimited();
     if let Some(r) = cfg.tenant_rate {
@@ -181,7 +189,7 @@ pub(crate) async fn store_layers(
         CounterStoreSpec::Memory => Ok(StoreLayers {
             quota: config.map(|c| QuotaLayer::new(MemoryStore::new(), c)),
             pins: None,
-            work_view: None,
+            work_views: Vec::new(),
             auth,
         }),
         #[cfg(feature = "redis")]
@@ -191,26 +199,33 @@ pub(crate) async fn store_layers(
                 .map_err(|e| bad_flag("--counter-store", e))?;
             let pins: Arc<dyn PinTable> =
                 Arc::new(replica_router::pins::RedisPinTable::new(&store));
-            let work_view = cfg.work_view_period.map(|period| {
-                replica_router::cluster::WorkView::spawn(
-                    &store,
-                    pool.clone(),
-                    replica_router::cluster::WorkViewConfig {
-                        period,
-                        ..Default::default()
-                    },
-                )
-            });
+            let work_views = match cfg.work_view_period {
+                Some(period) => tiers
+                    .iter()
+                    .map(|t| {
+                        replica_router::cluster::WorkView::spawn(
+                            &store,
+                            t.pool.clone(),
+                            replica_router::cluster::WorkViewConfig {
+                                period,
+                                name: t.model.clone().unwrap_or_else(|| "default".to_owned()),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
             Ok(StoreLayers {
                 quota: config.map(|c| QuotaLayer::new(store, c)),
                 pins: Some(pins),
-                work_view,
+                work_views,
                 auth,
             })
         }
         #[cfg(not(feature = "redis"))]
         CounterStoreSpec::Redis(_) => {
-            let _ = pool;
+            let _ = tiers;
             Err(GatewayError::Config(ConfigError::new(
                 "--counter-store redis://...: this build has no Redis support (enable the `redis` feature)",
             )))
@@ -231,15 +246,54 @@ pub(crate) fn extractor(cfg: &GatewayConfig) -> HeaderExtractor {
         .estimated_tokens_header(None)
 }
 
-/// Builds the stack for `cfg` over `pool`. Validated requests arrive with their route context
-/// already set (with the token estimate from the body); others get it from their headers here.
+/// Builds the stack for `cfg` over its pools (`tiers`, each with its outlier detector).
+/// Validated requests arrive with their route context already set (with the token estimate from
+/// the body); others get it from their headers here.
 pub(crate) fn build_stack(
     cfg: &GatewayConfig,
-    pool: &Pool<Upstream>,
+    tiers: &[(Tier, OutlierDetector<Upstream>)],
     layers: StoreLayers,
-    outliers: &OutlierDetector<Upstream>,
 ) -> Result<Stack, GatewayError> {
     let extractor = extractor(cfg);
+    let routed = match tiers {
+        [(t, outliers)] if t.model.is_none() => {
+            Either::Right(pool_stack(cfg, &t.pool, layers.pins.clone(), outliers)?)
+        }
+        _ => {
+            let mut select = Select::builder(ByModel::new());
+            for (t, outliers) in tiers {
+                let name = t.model.clone().unwrap_or_else(|| ANY_MODEL.to_owned());
+                select = select.route(
+                    name,
+                    pool_stack(cfg, &t.pool, layers.pins.clone(), outliers)?,
+                );
+            }
+            // A request that names no model (a GET, a body without `model`) goes to the first.
+            if let Some((t, _)) = tiers.first() {
+                select =
+                    select.default_route(t.model.clone().unwrap_or_else(|| ANY_MODEL.to_owned()));
+            }
+            Either::Left(select.build().map_err(|e| bad_flag("--replica", e))?)
+        }
+    };
+    let quotas = match layers.quota {
+        Some(q) => Either::Left(tower::Layer::layer(&q, routed)),
+        None => Either::Right(routed),
+    };
+    Ok(tower::Layer::layer(
+        &replica_router::context::RouteContextLayer::new(extractor),
+        quotas,
+    ))
+}
+
+/// One pool's stack: shedding -> failover -> outlier detection -> context fit -> picker ->
+/// dispatch.
+fn pool_stack(
+    cfg: &GatewayConfig,
+    pool: &Pool<Upstream>,
+    pins: Option<Arc<dyn PinTable>>,
+    outliers: &OutlierDetector<Upstream>,
+) -> Result<Admission, GatewayError> {
     let dispatch = Dispatch::new(pool.clone());
     // One prefix index shared by both picking layers: what was sent where, keyed or not.
     let (placement, measure) = match cfg.placement {
@@ -269,7 +323,7 @@ pub(crate) fn build_stack(
                 .key(key)
                 .measure(measure)
                 .placement(placement.clone());
-            if let Some(pins) = layers.pins {
+            if let Some(pins) = pins {
                 builder = builder.dyn_pin_table(pins);
             }
             let affinity = builder
@@ -280,27 +334,20 @@ pub(crate) fn build_stack(
         Policy::LeastLoaded => Picker::Least(least()),
         Policy::RoundRobin => Picker::Rotate(RoundRobin::new(dispatch.clone(), pool.clone())),
     };
+    let fitted = tower::Layer::layer(&ContextFitLayer::new(pool.clone()).measure(measure), picker);
     // Above the picker, so a retry is re-picked with the failed replica excluded; above the
     // outlier detection, so every attempt (the failed one included) is observed.
     let resilient = tower::Layer::layer(
         &FailoverLayer::new(pool.clone()),
-        tower::Layer::layer(&OutlierDetectionLayer::new(outliers), picker),
+        tower::Layer::layer(&OutlierDetectionLayer::new(outliers), fitted),
     );
-    let admission = match cfg.slo_wait {
+    Ok(match cfg.slo_wait {
         Some(budget) => Either::Left(tower::Layer::layer(
             &ShedLayer::new(pool.clone()).budget(budget),
             resilient,
         )),
         None => Either::Right(resilient),
-    };
-    let quotas = match layers.quota {
-        Some(q) => Either::Left(tower::Layer::layer(&q, admission)),
-        None => Either::Right(admission),
-    };
-    Ok(tower::Layer::layer(
-        &replica_router::context::RouteContextLayer::new(extractor),
-        quotas,
-    ))
+    })
 }
 
 /// Counters of the request path (handles resolved once, so recording is an atomic add).
@@ -334,7 +381,10 @@ impl Counters {
 
 /// State shared by every connection.
 pub(crate) struct Shared {
-    pub(crate) pool: Pool<Upstream>,
+    /// The pools, one per model (one in all without `--replica URL,model=NAME`).
+    pub(crate) tiers: Vec<Tier>,
+    /// Whether requests are routed by their `model` (`--replica URL,model=NAME`).
+    pub(crate) by_model: bool,
     pub(crate) stack: Stack,
     pub(crate) max_body: usize,
     pub(crate) render: Option<MetricsRender>,
@@ -344,7 +394,7 @@ pub(crate) struct Shared {
     /// Whether chats without a session key get an implicit one (`--implicit-sessions`).
     pub(crate) implicit_sessions: bool,
     /// Kept alive with the gateway (see [`StoreLayers`]).
-    pub(crate) _work_view: Option<replica_router_work_view::Handle>,
+    pub(crate) _work_views: Vec<replica_router_work_view::Handle>,
     /// Body timeouts and the global body budget.
     pub(crate) limits: super::limits::Limits,
     /// `--api-keys`: bearer keys name the tenant.
@@ -437,8 +487,11 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
         (&Method::POST, "/v1/completions") => Some(ApiKind::Completion),
         (&Method::GET, "/metrics") => return metrics(shared),
         (&Method::GET, "/health") => return health(shared),
+        (&Method::GET, "/v1/models") if shared.by_model => return models(shared),
         _ => None,
     };
+    // Stateless routes: no session affinity, whatever headers the client sends.
+    let stateless = req.uri().path() == "/v1/embeddings";
     // `--api-keys`: the bearer key names the tenant (checked before the body is read).
     let key_tenant = match &shared.auth {
         Some(keys) => match keys.tenant(req.headers()) {
@@ -468,6 +521,7 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
         }
     };
     let mut prompt_estimate = None;
+    let mut model = None;
     let mut ctx = match kind {
         Some(kind) => {
             let info = match inspect_body(kind, &bytes) {
@@ -481,7 +535,9 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
                         ctx.session = info.conversation.map(implicit_session);
                     }
                     ctx.estimated_tokens = info.estimated_tokens();
+                    ctx.context_tokens = info.context_tokens();
                     ctx.prefix = Some(info.prefix);
+                    model = Some(info.model);
                     Some(ctx)
                 }
                 Err(e) => return route_error(&e),
@@ -492,6 +548,18 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
         None => match shared.extractor.extract_headers(&parts.headers) {
             Ok(mut ctx) => {
                 ctx.estimated_tokens = bytes.len() as u64;
+                if stateless {
+                    ctx.session = None;
+                    ctx.user = None;
+                }
+                if shared.by_model && !bytes.is_empty() {
+                    match body_model(&bytes) {
+                        Ok(m) => model = m,
+                        Err(msg) => {
+                            return error(StatusCode::BAD_REQUEST, "invalid_request_error", &msg)
+                        }
+                    }
+                }
                 Some(ctx)
             }
             Err(e) => return route_error(&e),
@@ -508,6 +576,9 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
     let mut up = Request::from_parts(parts, Full::new(bytes));
     if let Some(ctx) = ctx {
         up.extensions_mut().insert(ctx);
+    }
+    if let (true, Some(m)) = (shared.by_model, model) {
+        up.extensions_mut().insert(ModelName::new(m));
     }
     let fut = {
         let mut stack = conn.stack.lock();
@@ -601,8 +672,11 @@ pub(crate) fn error(status: StatusCode, kind: &str, message: &str) -> Response<G
 }
 
 fn health(shared: &Shared) -> Response<GatewayBody> {
-    let snap = shared.pool.load();
-    if snap.eligible().is_empty() {
+    if shared
+        .tiers
+        .iter()
+        .all(|t| t.pool.load().eligible().is_empty())
+    {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_replica",
@@ -611,6 +685,40 @@ fn health(shared: &Shared) -> Response<GatewayBody> {
     } else {
         Response::new(GatewayBody::local(Bytes::from_static(b"ok\n")))
     }
+}
+
+/// `GET /v1/models` of a gateway routing by model: the models its pools serve, in the OpenAI
+/// list shape, each with the smallest context limit among its replicas when all declare one.
+fn models(shared: &Shared) -> Response<GatewayBody> {
+    let data: Vec<serde_json::Value> = shared
+        .tiers
+        .iter()
+        .map(|t| {
+            let snap = t.pool.load();
+            let limits: Vec<u32> = snap
+                .replicas()
+                .iter()
+                .map(|r| r.spec().max_context)
+                .collect();
+            let max_len = (!limits.is_empty() && limits.iter().all(|l| *l > 0))
+                .then(|| limits.iter().copied().min())
+                .flatten();
+            serde_json::json!({
+                "id": t.model.as_deref().unwrap_or(ANY_MODEL),
+                "object": "model",
+                "owned_by": "replica-router",
+                "max_model_len": max_len,
+                "replicas": snap.len(),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({"object": "list", "data": data}).to_string();
+    let mut r = Response::new(GatewayBody::local(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// A per-replica gauge: name, help text, and how to read it from the replica's state.
@@ -622,7 +730,7 @@ type Series = (
 
 fn metrics(shared: &Shared) -> Response<GatewayBody> {
     let mut out = shared.render.as_ref().map(|r| r()).unwrap_or_default();
-    let snap = shared.pool.load();
+    let snaps: Vec<_> = shared.tiers.iter().map(|t| t.pool.load()).collect();
     let series: [Series; 4] = [
         (
             "gateway_replica_in_flight",
@@ -647,7 +755,7 @@ fn metrics(shared: &Shared) -> Response<GatewayBody> {
     ];
     for (name, help, f) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for r in snap.replicas() {
+        for r in snaps.iter().flat_map(|s| s.replicas()) {
             let mut id = String::new();
             json_escape_into(r.id().as_str(), &mut id);
             let _ = writeln!(out, "{name}{{replica=\"{id}\"}} {}", f(r.state()));
