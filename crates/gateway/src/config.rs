@@ -274,6 +274,22 @@ pub struct GatewayConfig {
     /// With `--api-keys`, let a request's tenant header name its tenant anyway
     /// (`--trust-tenant-header`, for a gateway behind an authenticating proxy).
     pub trust_tenant_header: bool,
+    /// Where the admin routes (`GET /admin/replicas`, `GET /admin/advice`) are served
+    /// (`--admin on|off|ADDR`): on the main listener (default), nowhere, or only on their own
+    /// address (keep it on loopback or a private network: they show the fleet's state).
+    pub admin: AdminMode,
+}
+
+/// Where the admin routes are served (`--admin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdminMode {
+    /// On the main listener.
+    #[default]
+    On,
+    /// Not at all (404).
+    Off,
+    /// Only on this address, with nothing else.
+    Listen(SocketAddr),
 }
 
 /// Timeouts and caps of the gateway's client and upstream connections. A zero duration (or cap)
@@ -354,6 +370,7 @@ impl Default for GatewayConfig {
             store_failure: replica_router::quota::FailurePolicy::Open,
             api_keys: None,
             trust_tenant_header: false,
+            admin: AdminMode::On,
         }
     }
 }
@@ -393,7 +410,7 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W][,model=NAME][,m
   [--max-connections N] [--max-buffered-body-bytes N] [--upstream-ttfb-timeout-ms N]
   [--upstream-idle-timeout-ms N] [--shutdown-grace-ms N]
   [--tenant-concurrency N] [--store-failure open|closed]
-  [--api-keys FILE] [--trust-tenant-header]
+  [--api-keys FILE] [--trust-tenant-header] [--admin on|off|ADDR]
 transport limits (0 turns one off): --header-timeout-ms first request head of a connection
   (default 10000); --keepalive-idle-ms wait for and read each later request head (60000; 0 = no
   keep-alive); --body-timeout-ms whole request body (60000, else 408); --body-idle-timeout-ms
@@ -560,6 +577,18 @@ impl GatewayConfig {
                     };
                 }
                 "--api-keys" => cfg.api_keys = Some(value()?.into()),
+                "--admin" => {
+                    let v = value()?;
+                    cfg.admin = match v.as_str() {
+                        "on" => AdminMode::On,
+                        "off" => AdminMode::Off,
+                        addr => AdminMode::Listen(addr.parse().map_err(|_| {
+                            ConfigError::new(format!(
+                                "--admin {v:?}: expected on, off or an address (127.0.0.1:9090)"
+                            ))
+                        })?),
+                    };
+                }
                 _ => {
                     return Err(ConfigError::new(format!(
                         "unknown argument {arg:?}\n{USAGE}"

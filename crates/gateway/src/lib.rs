@@ -79,6 +79,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admin;
 mod auth;
 mod body;
 pub mod cli;
@@ -103,8 +104,8 @@ use tokio::task::JoinHandle;
 
 pub use self::body::GatewayBody;
 pub use self::config::{
-    ConfigError, CounterStoreSpec, GatewayConfig, ImplicitSessions, PlacementMode, Policy, Rate,
-    ReplicaArg, TransportConfig, DEFAULT_MAX_BODY_BYTES, USAGE,
+    AdminMode, ConfigError, CounterStoreSpec, GatewayConfig, ImplicitSessions, PlacementMode,
+    Policy, Rate, ReplicaArg, TransportConfig, DEFAULT_MAX_BODY_BYTES, USAGE,
 };
 pub use self::inspect::{body_model, inspect_body, ApiKind, BodyInfo, DEFAULT_OUTPUT_ESTIMATE};
 pub use self::limits::SMALL_BODY_BYTES;
@@ -147,6 +148,7 @@ pub struct Gateway {
     addr: SocketAddr,
     tiers: Vec<tiers::Tier>,
     _health: Vec<HealthCheckHandle>,
+    admin: Option<(SocketAddr, JoinHandle<()>)>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -210,11 +212,13 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         let addr = listener.local_addr()?;
         let (shared, health) = shared(cfg, &tiers, render).await?;
+        let admin = admin_listener(cfg, &shared).await?;
         let (stop, stopped) = oneshot::channel();
         let ctl = ServeCtl::new(&cfg.transport);
         let task = tokio::spawn(accept_loop(listener, shared, ctl, stopped));
         Ok(Gateway {
             _health: health,
+            admin,
             addr,
             tiers,
             stop: Some(stop),
@@ -237,6 +241,7 @@ impl Gateway {
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let (shared, health) = shared(&cfg, &tiers, render).await?;
+        let admin = admin_listener(&cfg, &shared).await?;
         let mut senders = Vec::new();
         let mut done = Vec::new();
         let ctl = ServeCtl::new(&cfg.transport);
@@ -279,11 +284,17 @@ impl Gateway {
         });
         Ok(Gateway {
             _health: health,
+            admin,
             addr,
             tiers,
             stop: Some(stop),
             task: Some(task),
         })
+    }
+
+    /// The address of the admin listener (`--admin ADDR`), if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
     }
 
     /// The address the gateway listens on.
@@ -306,6 +317,9 @@ impl Gateway {
     /// Stops accepting, closes idle connections, and waits for the requests in progress (streams
     /// included) to finish, for at most `--shutdown-grace-ms`; then closes the connections left.
     pub async fn shutdown(mut self) {
+        if let Some((_, admin)) = self.admin.take() {
+            admin.abort();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -317,6 +331,9 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if let Some((_, admin)) = self.admin.take() {
+            admin.abort();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -354,6 +371,7 @@ async fn shared(
         stack,
         extractor: service::extractor(cfg),
         by_model: tiers.iter().any(|t| t.model.is_some()),
+        admin_here: cfg.admin == AdminMode::On,
         tiers: tiers.to_vec(),
         max_body: cfg.max_body_bytes,
         render,
@@ -365,6 +383,55 @@ async fn shared(
         trust_tenant_header: cfg.trust_tenant_header,
     });
     Ok((shared, health))
+}
+
+/// The admin listener of `--admin ADDR`: `GET /admin/...` only, one request per connection,
+/// each connection closed after 10 s.
+async fn admin_listener(
+    cfg: &GatewayConfig,
+    shared: &Arc<Shared>,
+) -> Result<Option<(SocketAddr, JoinHandle<()>)>, GatewayError> {
+    let AdminMode::Listen(at) = cfg.admin else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(at).await?;
+    let addr = listener.local_addr()?;
+    let shared = shared.clone();
+    let task = tokio::spawn(async move {
+        let conns = Arc::new(Semaphore::new(64));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let shared = shared.clone();
+                        async move {
+                            let resp = if req.method() == http::Method::GET {
+                                admin::route(&shared, req.uri().path())
+                            } else {
+                                None
+                            };
+                            Ok::<_, Infallible>(resp.unwrap_or_else(service::not_found))
+                        }
+                    });
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5))
+                    .keep_alive(false);
+                let conn = http.serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+            });
+        }
+    });
+    Ok(Some((addr, task)))
 }
 
 /// Passive outlier detection over `pool`, fed by every request's outcome (see

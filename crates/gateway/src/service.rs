@@ -385,6 +385,8 @@ pub(crate) struct Shared {
     pub(crate) tiers: Vec<Tier>,
     /// Whether requests are routed by their `model` (`--replica URL,model=NAME`).
     pub(crate) by_model: bool,
+    /// Whether this listener serves the admin routes (`--admin on`).
+    pub(crate) admin_here: bool,
     pub(crate) stack: Stack,
     pub(crate) max_body: usize,
     pub(crate) render: Option<MetricsRender>,
@@ -488,6 +490,14 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
         (&Method::GET, "/metrics") => return metrics(shared),
         (&Method::GET, "/health") => return health(shared),
         (&Method::GET, "/v1/models") if shared.by_model => return models(shared),
+        (&Method::GET, p) if shared.admin_here && p.starts_with("/admin/") => {
+            if let Some(keys) = &shared.auth {
+                if keys.tenant(req.headers()).is_none() {
+                    return unauthorized();
+                }
+            }
+            return super::admin::route(shared, p).unwrap_or_else(not_found);
+        }
         _ => None,
     };
     // Stateless routes: no session affinity, whatever headers the client sends.
@@ -640,6 +650,10 @@ async fn route(conn: &ConnState, req: Request<Incoming>) -> Response<GatewayBody
 fn route_error(e: &RouteError) -> Response<GatewayBody> {
     metrics::counter!("gateway_route_errors_total", "code" => e.code()).increment(1);
     e.to_http_response().map(GatewayBody::local)
+}
+
+pub(crate) fn not_found() -> Response<GatewayBody> {
+    error(StatusCode::NOT_FOUND, "not_found_error", "no such route")
 }
 
 fn unauthorized() -> Response<GatewayBody> {
