@@ -47,6 +47,21 @@
 //!   out until two successes) and their vLLM `/metrics` are read for the engines' own running and
 //!   waiting counts ([`health`](replica_router::health)). With `--slo-wait-ms`, the [`shed`](replica_router::shed)
 //!   layer answers 429 with `Retry-After` when every replica's estimated wait is past the budget.
+//! - `--replica URL,model=NAME` on every replica: one pool per model, each with its own stack,
+//!   and each request goes to the pool its body's `model` names through
+//!   [`Select`](replica_router::select::Select) with [`ByModel`](replica_router::select::ByModel)
+//!   (an unknown model: 404; a `model` that is not a string: 400); `GET /v1/models` is answered
+//!   from the pools. A request without a model goes to the first pool. Session pins are shared by
+//!   the pools (one pin table): a session key used with two models moves between them.
+//! - Context fit ([`ContextFitLayer`](replica_router::fit::ContextFitLayer)): a replica's
+//!   `max_context` comes from `--replica URL,max_context=N` or its own `GET /v1/models`
+//!   (`max_model_len`, read at start, 2 s at most); a chat or completion whose prompt estimate plus
+//!   `max_tokens` exceeds it never goes there, and one no replica holds gets 400
+//!   `context_length_exceeded`. `/v1/embeddings` is routed without session affinity.
+//! - `GET /admin/replicas` (JSON): per pool and replica its spec, state, in-flight requests and
+//!   tokens, work model, engine load report and its age, wait estimate and share of traffic.
+//!   `--admin off` turns admin routes off, `--admin ADDR` serves them only on that address; with
+//!   `--api-keys` they need a key.
 //! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
 //!   [`Gateway::bind_with_metrics`]; the library itself never installs a recorder) followed by
 //!   per-replica gauges read from the pool. `GET /health`: 200 while a replica is eligible, else 503.
