@@ -148,6 +148,20 @@ pub enum RouteError {
         /// The largest `max_context` among the pool's replicas.
         largest: u64,
     },
+    /// The request body is larger than the stack buffers (HTTP 413); see
+    /// [`BufferBodyLayer`](crate::edge::BufferBodyLayer).
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A deadline set around part of the stack (tower's `Timeout`) passed before the replica
+    /// answered (HTTP 504).
+    #[error("the replica did not answer in time")]
+    Timeout,
+    /// Any other error of a middleware placed between the crate's layers (HTTP 500).
+    #[error("internal routing error: {0}")]
+    Internal(BoxError),
 }
 
 impl RouteError {
@@ -172,6 +186,9 @@ impl RouteError {
             | RouteError::ContextTooLong { .. } => S::BAD_REQUEST,
             RouteError::NoRoute { .. } => S::NOT_FOUND,
             RouteError::Backend { .. } => S::BAD_GATEWAY,
+            RouteError::Timeout => S::GATEWAY_TIMEOUT,
+            RouteError::PayloadTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+            RouteError::Internal(_) => S::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -204,6 +221,9 @@ impl RouteError {
             RouteError::Backend { .. } => "backend_error",
             RouteError::Unavailable(_) => "unavailable",
             RouteError::ContextTooLong { .. } => "context_length_exceeded",
+            RouteError::Timeout => "timeout",
+            RouteError::PayloadTooLarge { .. } => "payload_too_large",
+            RouteError::Internal(_) => "internal_error",
         }
     }
 
@@ -243,6 +263,38 @@ fn no_route_target(route: &Option<String>) -> String {
     match route {
         Some(r) => format!("`{r}`"),
         None => "this request".to_owned(),
+    }
+}
+
+/// Errors of tower's middlewares between the crate's layers: a boxed [`RouteError`] is itself,
+/// `Timeout`'s `Elapsed` is [`RouteError::Timeout`] (504), `LoadShed`'s `Overloaded` is
+/// [`RouteError::Overloaded`] (429, retry after 1 s), anything else [`RouteError::Internal`]
+/// (500).
+///
+/// ```
+/// use replica_router::error::{BoxError, RouteError};
+/// let elapsed: BoxError = Box::new(tower::timeout::error::Elapsed::new());
+/// assert_eq!(RouteError::from(elapsed).status_code(), 504);
+/// let inner: BoxError = Box::new(RouteError::Timeout);
+/// assert!(matches!(RouteError::from(inner), RouteError::Timeout));
+/// let other: BoxError = "boom".into();
+/// assert_eq!(RouteError::from(other).status_code(), 500);
+/// ```
+impl From<BoxError> for RouteError {
+    fn from(e: BoxError) -> Self {
+        let e = match e.downcast::<RouteError>() {
+            Ok(route) => return *route,
+            Err(e) => e,
+        };
+        if e.is::<tower::timeout::error::Elapsed>() {
+            return RouteError::Timeout;
+        }
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return RouteError::Overloaded {
+                retry_after: Duration::from_secs(1),
+            };
+        }
+        RouteError::Internal(e)
     }
 }
 

@@ -271,7 +271,7 @@ where
 
 impl<B> Backend for HttpReplica<B>
 where
-    B: http_body::Body + Default + Send + Sync + Unpin + 'static,
+    B: http_body::Body + Default + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {

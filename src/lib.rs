@@ -103,6 +103,7 @@ pub mod cluster;
 pub mod context;
 pub mod decision;
 pub mod dispatch;
+pub mod edge;
 pub mod error;
 pub mod fit;
 pub mod future;
