@@ -13,7 +13,10 @@
 //! - every replica fits (the common case, and always when no replica declares a limit): the
 //!   request goes on undecided, and the picking layers below place it as usual;
 //! - no replica of the pool fits: [`RouteError::ContextTooLong`] (HTTP 400,
-//!   `context_length_exceeded`) before any replica sees it;
+//!   `context_length_exceeded`) before any replica sees it, when the need is past the largest
+//!   limit by more than the estimate's margin of error ([`ContextFitLayer::refuse_above`],
+//!   default 1.5x: a router counts tokens from bytes, not with the model's tokenizer). Within
+//!   the margin, the request goes to the replicas with the largest window, whose engine decides;
 //! - some fit: the layer decides among the eligible replicas that fit. A request with a session
 //!   (or user) key goes to the one its key ranks first by weighted rendezvous hashing, so a long
 //!   conversation's turns keep one replica (and its cache) among those that can hold it; a
@@ -56,9 +59,12 @@
 //! // 40k tokens fit only the long-context replica.
 //! let resp = svc.ready().await.unwrap().call(request(40_000)).await.unwrap();
 //! assert_eq!(resp.extensions().get::<Decision>().unwrap().replica().as_str(), "long");
-//! // 200k tokens fit none: refused before any replica sees it.
-//! let err = svc.ready().await.unwrap().call(request(200_000)).await.unwrap_err();
-//! assert!(matches!(err, RouteError::ContextTooLong { needed: 200_000, largest: 131_072 }));
+//! // 150k tokens may be an overestimate: the largest window decides.
+//! let resp = svc.ready().await.unwrap().call(request(150_000)).await.unwrap();
+//! assert_eq!(resp.extensions().get::<Decision>().unwrap().replica().as_str(), "long");
+//! // 300k tokens fit none: refused before any replica sees it.
+//! let err = svc.ready().await.unwrap().call(request(300_000)).await.unwrap_err();
+//! assert!(matches!(err, RouteError::ContextTooLong { needed: 300_000, largest: 131_072 }));
 //! assert_eq!(err.status_code(), 400);
 //! # }
 //! ```
@@ -69,6 +75,7 @@ use crate::error::RouteError;
 use crate::pick::no_replica;
 use crate::pick::ring::key_hash;
 use crate::pool::{Pool, PoolSnapshot};
+use crate::replica::ReplicaSpec;
 use crate::request::RouteRequest;
 
 /// Counter: requests refused because no replica's context window fits them.
@@ -81,6 +88,7 @@ pub const CONTEXT_FIT_PLACED_COUNTER: &str = "replica_router_context_fit_placed_
 pub struct ContextFitLayer<B> {
     pool: Pool<B>,
     measure: LoadMeasure,
+    refuse_above: f64,
 }
 
 impl<B> Clone for ContextFitLayer<B> {
@@ -88,9 +96,13 @@ impl<B> Clone for ContextFitLayer<B> {
         ContextFitLayer {
             pool: self.pool.clone(),
             measure: self.measure,
+            refuse_above: self.refuse_above,
         }
     }
 }
+
+/// The default of [`ContextFitLayer::refuse_above`].
+pub const DEFAULT_REFUSE_ABOVE: f64 = 1.5;
 
 impl<B> ContextFitLayer<B> {
     /// Checks requests against `pool`'s replicas.
@@ -98,7 +110,20 @@ impl<B> ContextFitLayer<B> {
         ContextFitLayer {
             pool,
             measure: LoadMeasure::default(),
+            refuse_above: DEFAULT_REFUSE_ABOVE,
         }
+    }
+
+    /// Refuses a request only when its need is above `factor x` the largest window (at least
+    /// 1.0; default [`DEFAULT_REFUSE_ABOVE`]): the margin for an estimated token count. Pass 1.0
+    /// when the context's token count is exact.
+    pub fn refuse_above(mut self, factor: f64) -> Self {
+        self.refuse_above = if factor.is_finite() {
+            factor.max(1.0)
+        } else {
+            DEFAULT_REFUSE_ABOVE
+        };
+        self
     }
 
     /// How keyless requests compare the replicas that fit (default: requests in flight).
@@ -117,6 +142,7 @@ impl<S, B> tower::Layer<S> for ContextFitLayer<B> {
             ContextFitPicker {
                 pool: self.pool.clone(),
                 measure: self.measure,
+                refuse_above: self.refuse_above,
             },
         )
     }
@@ -130,6 +156,7 @@ pub type ContextFit<S, B> = Picking<S, ContextFitPicker<B>>;
 pub struct ContextFitPicker<B> {
     pool: Pool<B>,
     measure: LoadMeasure,
+    refuse_above: f64,
 }
 
 impl<B> Clone for ContextFitPicker<B> {
@@ -137,6 +164,7 @@ impl<B> Clone for ContextFitPicker<B> {
         ContextFitPicker {
             pool: self.pool.clone(),
             measure: self.measure,
+            refuse_above: self.refuse_above,
         }
     }
 }
@@ -189,20 +217,24 @@ impl<B> Pick for ContextFitPicker<B> {
         };
         let needed = ctx.context_tokens;
         let snap = self.pool.load();
-        match fit(&snap, needed) {
+        // Replicas that may take it: those it fits, else (within the margin) the largest.
+        let admits: Box<dyn Fn(&ReplicaSpec) -> bool> = match fit(&snap, needed) {
             Fit::All => return Ok(()),
-            Fit::None { largest } => {
+            Fit::None { largest } if needed as f64 > largest as f64 * self.refuse_above => {
                 metrics::counter!(CONTEXT_TOO_LONG_COUNTER).increment(1);
                 return Err(RouteError::ContextTooLong { needed, largest });
             }
-            Fit::Some => {}
-        }
+            Fit::None { largest } => {
+                Box::new(move |spec: &ReplicaSpec| u64::from(spec.max_context) == largest)
+            }
+            Fit::Some => Box::new(move |spec: &ReplicaSpec| spec.fits(needed)),
+        };
         let key = ctx.session.as_ref().or(ctx.user.as_ref());
         let key_h = key.map(|k| key_hash(k.as_bytes()));
         let replicas = snap.replicas();
         let mut best: Option<(usize, f64)> = None;
         for (i, r) in replicas.iter().enumerate() {
-            if !r.state().is_eligible() || !r.spec().fits(needed) {
+            if !r.state().is_eligible() || !admits(r.spec()) {
                 continue;
             }
             // Higher is better: the weighted rendezvous score for a key, minus the load without.

@@ -50,7 +50,7 @@ proptest! {
     #[test]
     fn the_chosen_replica_always_fits(
         limits in proptest::collection::vec(prop_oneof![Just(0u32), 1_000u32..200_000], 1..6),
-        needed in 0u64..250_000,
+        needed in 0u64..350_000,
         keyed in any::<bool>(),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -63,19 +63,26 @@ proptest! {
                 .layer(LeastInFlightLayer::new(pool.clone()))
                 .service(Dispatch::new(pool.clone()));
             let fits_any = limits.iter().any(|l| *l == 0 || needed <= u64::from(*l));
+            let largest = u64::from(*limits.iter().max().unwrap());
+            let within_margin = !fits_any && needed as f64 <= largest as f64 * 1.5;
             let session = keyed.then_some("conv-1");
             let got = svc.ready().await.unwrap().call(request(needed, session)).await;
             match got {
                 Ok(resp) => {
-                    prop_assert!(fits_any);
+                    prop_assert!(fits_any || within_margin);
                     let d = resp.extensions().get::<Decision>().unwrap();
                     let (_, r) = pool.snapshot().get(d.replica().as_str()).map(|(i, r)| (i, r.clone())).unwrap();
-                    prop_assert!(r.spec().fits(needed), "{} got {needed}", r.spec().max_context);
+                    if fits_any {
+                        prop_assert!(r.spec().fits(needed), "{} got {needed}", r.spec().max_context);
+                    } else {
+                        // Within the estimate's margin: the largest window decides.
+                        prop_assert_eq!(u64::from(r.spec().max_context), largest);
+                    }
                 }
-                Err(RouteError::ContextTooLong { needed: n, largest }) => {
-                    prop_assert!(!fits_any);
+                Err(RouteError::ContextTooLong { needed: n, largest: l }) => {
+                    prop_assert!(!fits_any && !within_margin);
                     prop_assert_eq!(n, needed);
-                    prop_assert_eq!(largest, u64::from(*limits.iter().max().unwrap()));
+                    prop_assert_eq!(l, largest);
                 }
                 Err(e) => prop_assert!(false, "unexpected {e}"),
             }
