@@ -383,3 +383,65 @@ async fn ring_homes(gw: &mut Gateway) -> Vec<String> {
     }
     homes
 }
+
+#[tokio::test]
+async fn a_lost_move_is_kept_over_the_pin_it_replaced_and_replayed() {
+    let mut server = redis_or_skip!();
+    let table = Arc::new(
+        RedisPinTable::new(&store(&server).await)
+            .near_cache(1024, Duration::ZERO)
+            .breaker(2, Duration::from_millis(200)),
+    );
+    let session = RouteKey::from("spilled-conv");
+    let ttl = Duration::from_secs(600);
+    // The session is placed on a (confirmed in Redis), ...
+    table
+        .clone()
+        .pin_after_owned(session.clone(), None, id("a"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(table.get(&session).await.unwrap(), Some(id("a")));
+    // ... then spills to b while Redis is down: the move never reaches Redis.
+    server.stop();
+    table
+        .clone()
+        .pin_after_owned(session.clone(), Some(id("a")), id("b"), ttl)
+        .await
+        .unwrap();
+    server.restart();
+    // Redis comes back holding the pin the move replaced (here restored by another gateway's
+    // earlier write, as a Redis that kept its data would hold it).
+    let other = Arc::new(RedisPinTable::new(&store(&server).await));
+    other.pin(&session, &id("a"), ttl).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        match table.get(&session).await {
+            Ok(r) if !table.breaker_open() => break r,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the table reaches Redis again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The spill stands: the session stays on b, where its cache now is.
+    assert_eq!(got, Some(id("b")));
+    // The next turn's write (a stay at b) replays the move over a.
+    table
+        .clone()
+        .pin_after_owned(session.clone(), Some(id("b")), id("b"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        RedisPinTable::new(&store(&server).await)
+            .get(&session)
+            .await
+            .unwrap(),
+        Some(id("b"))
+    );
+    // A pin another gateway moved somewhere else is respected.
+    other
+        .clone()
+        .pin_after_owned(session.clone(), Some(id("b")), id("c"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(table.get(&session).await.unwrap(), Some(id("c")));
+}

@@ -75,6 +75,9 @@ struct Near {
     /// skipped by the open breaker), so a miss in Redis means the write was lost, not that
     /// another gateway removed the pin.
     unwritten: bool,
+    /// For an unwritten move: the pin it was to replace. Finding that pin still in Redis means
+    /// the move was lost, not overruled by another gateway.
+    replaced: Option<ReplicaId>,
 }
 
 /// The outage breaker: after `threshold` consecutive outage failures, Redis is skipped for
@@ -177,6 +180,7 @@ impl Local {
                 remote_expires: if known { local_expires } else { now },
                 local_expires,
                 unwritten: false,
+                replaced: None,
             },
             |n| n.local_expires <= now,
         );
@@ -420,6 +424,26 @@ impl RedisPinTable {
                 let now = Instant::now();
                 match &found {
                     Some(r) => {
+                        // Redis still holds the pin this gateway's own move replaced, and the
+                        // move never reached Redis: the move was lost (a timeout, an outage),
+                        // not overruled. Keep it; the next write replays it as a move.
+                        let lost_move = self
+                            .local
+                            .near(&d)
+                            .filter(|n| {
+                                n.unwritten
+                                    && n.local_expires > now
+                                    && n.replica != *r
+                                    && n.replaced.as_ref() == Some(r)
+                            })
+                            .map(|n| n.replica);
+                        if let Some(mine) = lost_move {
+                            self.local.near.with(&d, |n| {
+                                n.remote_expires = now;
+                                n.checked = now;
+                            });
+                            return Ok(Some(mine));
+                        }
                         let ttl = Duration::from_millis(pttl.max(0) as u64);
                         self.local.remember(d, r.clone(), now, ttl, pttl > 0);
                     }
@@ -455,8 +479,12 @@ impl RedisPinTable {
         mode: Option<(Mode, Option<ReplicaId>)>,
     ) -> Result<(), PinError> {
         let now = Instant::now();
+        let replaced = match &mode {
+            Some((Mode::Move, seen)) => seen.clone(),
+            _ => None,
+        };
         if !self.local.admit() {
-            self.remember_unwritten(d, replica, now, ttl);
+            self.remember_unwritten(d, replica, replaced, now, ttl);
             return self.fail(None, ());
         }
         let key = self.digest_key(&d);
@@ -510,16 +538,41 @@ impl RedisPinTable {
                 Ok(())
             }
             Err(e) => {
-                self.remember_unwritten(d, replica, now, ttl);
+                self.remember_unwritten(d, replica, replaced, now, ttl);
                 self.fail(Some(e), ())
             }
         }
     }
 
     /// Remembers a placement whose write did not reach Redis.
-    fn remember_unwritten(&self, d: KeyDigest, replica: ReplicaId, now: Instant, ttl: Duration) {
+    fn remember_unwritten(
+        &self,
+        d: KeyDigest,
+        replica: ReplicaId,
+        replaced: Option<ReplicaId>,
+        now: Instant,
+        ttl: Duration,
+    ) {
+        // A failed write over an earlier unwritten move still replaces what that move did.
+        let replaced = replaced.or_else(|| {
+            self.local
+                .near(&d)
+                .filter(|n| n.unwritten)
+                .and_then(|n| n.replaced)
+        });
         self.local.remember(d, replica, now, ttl, false);
-        self.local.near.with(&d, |n| n.unwritten = true);
+        self.local.near.with(&d, |n| {
+            n.unwritten = true;
+            n.replaced = replaced;
+        });
+    }
+
+    /// The pin an unwritten move of `d` to `replica` was to replace, if there is one.
+    fn unwritten_move(&self, d: &KeyDigest, replica: &ReplicaId) -> Option<ReplicaId> {
+        self.local
+            .near(d)
+            .filter(|n| n.unwritten && n.replica == *replica)
+            .and_then(|n| n.replaced)
     }
 
     async fn remove(&self, d: KeyDigest, replica: ReplicaId) -> Result<(), PinError> {
@@ -600,15 +653,20 @@ impl PinTable for RedisPinTable {
         ttl: Duration,
     ) -> PinFuture<'static, ()> {
         let d = KeyDigest::of(session.as_bytes());
-        let mode = match &seen {
-            None => Mode::Place,
-            Some(s) if *s == replica => {
-                if self.refresh_not_due(&d, &replica, ttl) {
-                    return PinFuture::ready(Ok(()));
+        let (mode, seen) = match &seen {
+            None => (Mode::Place, seen),
+            Some(s) if *s == replica => match self.unwritten_move(&d, &replica) {
+                // Staying where a lost move put the session: replay the move over the pin it
+                // was to replace (a refresh would find that pin and give up).
+                Some(replaced) => (Mode::Move, Some(replaced)),
+                None => {
+                    if self.refresh_not_due(&d, &replica, ttl) {
+                        return PinFuture::ready(Ok(()));
+                    }
+                    (Mode::Refresh, seen)
                 }
-                Mode::Refresh
-            }
-            Some(_) => Mode::Move,
+            },
+            Some(_) => (Mode::Move, seen),
         };
         PinFuture::Pending(Box::pin(async move {
             self.write(d, replica, ttl, Some((mode, seen))).await
