@@ -256,14 +256,14 @@ impl RedisStore {
             return Err(StoreError::InvalidQuota("store timeouts must be positive"));
         }
         let client = redis::Client::open(url).map_err(map_err)?;
-        let max_delay = config.reconnect_max_delay.as_millis().max(1) as u64;
+        let max_delay = config.reconnect_max_delay.max(Duration::from_millis(1));
         let manager_config = ConnectionManagerConfig::new()
             .set_number_of_retries(config.reconnect_retries)
-            .set_factor(10)
-            .set_exponent_base(2)
+            .set_min_delay(Duration::from_millis(10).min(max_delay))
+            .set_exponent_base(2.0)
             .set_max_delay(max_delay)
-            .set_connection_timeout(config.timeout.min(config.connect_timeout))
-            .set_response_timeout(config.timeout);
+            .set_connection_timeout(Some(config.timeout.min(config.connect_timeout)))
+            .set_response_timeout(Some(config.timeout));
         let conn = match tokio::time::timeout(
             config.connect_timeout,
             ConnectionManager::new_with_config(client, manager_config),
