@@ -94,6 +94,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod advisor;
 pub mod affinity;
 pub mod autoscale;
 pub mod backend;
