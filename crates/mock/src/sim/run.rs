@@ -266,7 +266,7 @@ async fn run(
                     }
                     if in_window {
                         samples.engine[i].add(&engines[i].stats());
-                    } else if samples.at_window_end[i].is_none() {
+                    } else if elapsed > window && samples.at_window_end[i].is_none() {
                         samples.at_window_end[i] = Some(engines[i].stats());
                     }
                 }
