@@ -45,15 +45,17 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// Short names of the runs, in table order, for the chart's axis.
-const SHORT: [&str; 8] = [
+const SHORT: [&str; 10] = [
     "(a) 1xTP2",
     "1xTP2 half",
     "(b) 2xTP2",
+    "(b') bounded",
     "(c) 1xTP4",
     "(d) sticky conv",
     "(d) sticky user",
-    "(d) bounded conv",
-    "(d) bounded user",
+    "(d) bnd conv",
+    "(d) bnd user",
+    "(d) full",
 ];
 
 fn chart(report: &HarborReport, path: &PathBuf) -> Result<(), Box<dyn Error>> {
@@ -127,7 +129,11 @@ fn chart(report: &HarborReport, path: &PathBuf) -> Result<(), Box<dyn Error>> {
         .y_desc("tokens / s")
         .draw()?;
     tps.draw_series(runs.iter().enumerate().map(|(i, r)| {
-        let color = if i == 2 { RGBColor(30, 140, 80) } else { RGBColor(150, 150, 150) };
+        let color = if i == 2 {
+            RGBColor(30, 140, 80)
+        } else {
+            RGBColor(150, 150, 150)
+        };
         Rectangle::new(
             [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, r.report.throughput)],
             color.filled(),
@@ -166,12 +172,13 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     println!(
         "\nTwo TP=2 replicas: {:.2}x the aggregate tok/s of one at holiday load, p95 TTFT {:.2} s \
-         vs {:.2} s for one replica at half the load. One TP=4 replica on the same GPUs: {:.2}x, \
-         {:.1} ms per token at low load vs {:.1} ms for TP=2.",
+         vs {:.2} s for one replica at half the load. One TP=4 replica on the same GPUs: {:.2}x \
+         one TP=2 replica's capacity (two TP=2: 2.00x), {:.1} ms per token at low load vs {:.1} ms \
+         for TP=2.",
         report.dp_speedup(),
         b.report.ttft.p95.as_secs_f64(),
         half.report.ttft.p95.as_secs_f64(),
-        report.tp4_speedup(),
+        report.tp4_capacity_ratio(),
         report.tp4_holiday.low_load_tpot.as_secs_f64() * 1e3,
         a.low_load_tpot.as_secs_f64() * 1e3,
     );

@@ -63,7 +63,8 @@ pub struct HarborConfig {
 impl Default for HarborConfig {
     /// Ten minutes of holiday traffic at twice a normal load of 92% of one TP=2 replica, two
     /// minutes of warm-up, a 200 ms wait budget, and for the lesson 10% of sessions with
-    /// 32k-64k tokens of context at 70% of two replicas' capacity.
+    /// 32k-64k tokens of context at 35% of two replicas' modelled capacity (the model assumes a
+    /// perfect cache; long contexts keep far fewer sequences resident than it credits).
     fn default() -> Self {
         HarborConfig {
             seed: 7,
@@ -73,7 +74,7 @@ impl Default for HarborConfig {
             holiday_factor: 2.0,
             low_load: 0.03,
             wait_budget: Duration::from_millis(200),
-            long_context_load: 0.7,
+            long_context_load: 0.35,
             long_context: (32_768, 65_536),
         }
     }
@@ -92,6 +93,9 @@ pub struct HarborRun {
     pub shed: bool,
     /// Offered new sessions per second.
     pub sessions_per_sec: f64,
+    /// New sessions per second the shape serves at most for the run's mix, by the capacity
+    /// model ([`replica_capacity`]).
+    pub capacity_sessions_per_sec: f64,
     /// What the run measured.
     pub report: PolicyReport,
     /// Median time per output token of the same shape at low load.
@@ -109,11 +113,15 @@ pub struct HarborReport {
     pub one_replica_holiday: HarborRun,
     /// One TP=2 replica at the normal load (half the holiday load): the latency baseline.
     pub one_replica_normal: HarborRun,
-    /// (b) Two TP=2 replicas at holiday load behind the full stack.
+    /// (b) Two TP=2 replicas at holiday load behind the full stack ([`FULL_STACK`]).
     pub two_replicas_holiday: HarborRun,
+    /// (b') The same, sticky by conversation with bounded loads counted in requests (no
+    /// predicted-TTFT placement).
+    pub two_replicas_bounded: HarborRun,
     /// (c) One TP=4 replica on the same four GPUs at holiday load, same stack.
     pub tp4_holiday: HarborRun,
-    /// (d) Two TP=2 replicas with long-context heavy users, one run per affinity policy.
+    /// (d) Two TP=2 replicas with long-context heavy users: sticky by conversation, sticky by
+    /// user, bounded loads by each, and the full stack.
     pub long_context: Vec<HarborRun>,
 }
 
@@ -129,12 +137,19 @@ impl HarborReport {
         self.tp4_holiday.report.throughput / self.one_replica_holiday.report.throughput.max(1e-9)
     }
 
+    /// Modelled capacity of one TP=4 replica over one TP=2 replica (two TP=2 replicas: 2.0).
+    pub fn tp4_capacity_ratio(&self) -> f64 {
+        self.tp4_holiday.capacity_sessions_per_sec
+            / self.one_replica_holiday.capacity_sessions_per_sec.max(1e-9)
+    }
+
     /// The main runs in table order, then the long-context ones.
     pub fn runs(&self) -> impl Iterator<Item = &HarborRun> {
         [
             &self.one_replica_holiday,
             &self.one_replica_normal,
             &self.two_replicas_holiday,
+            &self.two_replicas_bounded,
             &self.tp4_holiday,
         ]
         .into_iter()
@@ -146,11 +161,11 @@ impl HarborReport {
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
         out.push_str(
-            "| configuration | GPUs | sessions/s | gen tok/s | x 1 replica | TTFT p50 (s) | TTFT p95 (s) \
+            "| configuration | GPUs | sessions/s (capacity) | gen tok/s | x (a) | TTFT p50 (s) | TTFT p95 (s) \
              | wait p95 (s) | TPOT low load (ms) | batch / max_num_seqs | utilization | in-flight max/mean \
-             | shed retries | advisor |\n",
+             | prefill max/mean | shed retries | advisor: verdict -> shape |\n",
         );
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         let base = self.one_replica_holiday.report.throughput.max(1e-9);
         for run in self.runs() {
             let r = &run.report;
@@ -161,10 +176,11 @@ impl HarborReport {
             let util = r.replicas.iter().map(|x| x.utilization).sum::<f64>() / replicas;
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0}% (peak {}/{}) | {:.0}% | {:.2} | {} | {} -> {} |",
+                "| {} | {} | {:.2} ({:.2}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0}% (peak {}/{}) | {:.0}% | {:.2} | {:.2} | {} | {} -> {} |",
                 run.label,
                 run.shape.gpus(),
                 run.sessions_per_sec,
+                run.capacity_sessions_per_sec,
                 r.throughput,
                 r.throughput / base,
                 r.ttft.p50.as_secs_f64(),
@@ -176,6 +192,7 @@ impl HarborReport {
                 max_seqs,
                 100.0 * util,
                 r.load_imbalance,
+                r.work_imbalance,
                 r.retries,
                 run.advice.verdict,
                 run.advice.proposed,
@@ -284,6 +301,7 @@ pub fn open_loop(
 struct Stage<'a> {
     label: String,
     scenario: Scenario,
+    mix: &'a WorkloadConfig,
     workload: &'a Workload,
     policy: Policy,
     shed: bool,
@@ -299,6 +317,7 @@ fn run_stage(stage: Stage<'_>, config: &HarborConfig) -> Result<HarborRun, SimSe
         ..SimOptions::default()
     };
     let report = simulate(&stage.scenario, stage.workload, stage.policy, &options)?;
+    let capacity = sessions_per_sec(stage.mix, &stage.scenario, 1.0, config.seed);
     let mut m = measurements(&report, &stage.scenario, config.wait_budget);
     m.low_load_latency = Some(stage.low_load_tpot);
     let advice = advise(&m, &AdvisorConfig::default());
@@ -309,6 +328,7 @@ fn run_stage(stage: Stage<'_>, config: &HarborConfig) -> Result<HarborRun, SimSe
         policy: stage.policy,
         shed: stage.shed,
         sessions_per_sec: stage.per_sec,
+        capacity_sessions_per_sec: capacity,
         report,
         low_load_tpot: stage.low_load_tpot,
         advice,
@@ -338,9 +358,11 @@ pub fn low_load_tpot(config: &HarborConfig, tp: u32) -> Result<Duration, SimSetu
         .p50)
 }
 
-/// The full stack of the refactor: sticky by conversation with bounded loads (a session whose
-/// home replica is over the bound goes to the least-loaded one with room, and stays there).
-pub const FULL_STACK: Policy = Policy::BOUNDED;
+/// The full stack of the refactor: sticky by conversation with bounded loads (in estimated
+/// tokens in flight), a session with no home yet, or whose home is over the bound, placed on
+/// the replica with the least predicted time to first token (least loaded by queued work, its
+/// cached prefix counted), shedding in front ([`HarborConfig::wait_budget`]).
+pub const FULL_STACK: Policy = Policy::TTFT;
 
 /// Runs the story.
 ///
@@ -365,6 +387,7 @@ pub fn harbor(config: &HarborConfig) -> Result<HarborReport, SimSetupError> {
         Stage {
             label: "(a) 1 x TP=2, holiday load".into(),
             scenario: one_tp2.clone(),
+            mix: &chat,
             workload: &holiday_load,
             policy: Policy::LeastLoaded,
             shed: false,
@@ -377,6 +400,7 @@ pub fn harbor(config: &HarborConfig) -> Result<HarborReport, SimSetupError> {
         Stage {
             label: "1 x TP=2, normal load (half)".into(),
             scenario: one_tp2,
+            mix: &chat,
             workload: &normal_load,
             policy: Policy::LeastLoaded,
             shed: false,
@@ -389,8 +413,22 @@ pub fn harbor(config: &HarborConfig) -> Result<HarborReport, SimSetupError> {
         Stage {
             label: "(b) 2 x TP=2, holiday load, full stack".into(),
             scenario: harbor_scenario(2, 2),
+            mix: &chat,
             workload: &holiday_load,
             policy: FULL_STACK,
+            shed: true,
+            per_sec: holiday,
+            low_load_tpot: tpot2,
+        },
+        config,
+    )?;
+    let two_replicas_bounded = run_stage(
+        Stage {
+            label: "(b') 2 x TP=2, holiday load, bounded loads (requests)".into(),
+            scenario: harbor_scenario(2, 2),
+            mix: &chat,
+            workload: &holiday_load,
+            policy: Policy::BOUNDED,
             shed: true,
             per_sec: holiday,
             low_load_tpot: tpot2,
@@ -401,6 +439,7 @@ pub fn harbor(config: &HarborConfig) -> Result<HarborReport, SimSetupError> {
         Stage {
             label: "(c) 1 x TP=4, holiday load, full stack".into(),
             scenario: harbor_scenario(1, 4),
+            mix: &chat,
             workload: &holiday_load,
             policy: FULL_STACK,
             shed: true,
@@ -426,11 +465,13 @@ pub fn harbor(config: &HarborConfig) -> Result<HarborReport, SimSetupError> {
         ("sticky by user", Policy::STICKY_USER),
         ("bounded loads by conversation", Policy::BOUNDED),
         ("bounded loads by user", Policy::BOUNDED_USER),
+        ("full stack", FULL_STACK),
     ] {
         long_context.push(run_stage(
             Stage {
                 label: format!("(d) 2 x TP=2, >32k sessions, {name}"),
                 scenario: two_tp2.clone(),
+                mix: &long,
                 workload: &long_load,
                 policy,
                 shed: true,
@@ -445,6 +486,7 @@ pub fn harbor(config: &HarborConfig) -> Result<HarborReport, SimSetupError> {
         one_replica_holiday,
         one_replica_normal,
         two_replicas_holiday,
+        two_replicas_bounded,
         tp4_holiday,
         long_context,
     })
