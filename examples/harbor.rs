@@ -51,8 +51,8 @@ const SHORT: [&str; 10] = [
     "(b) 2xTP2",
     "(b') bounded",
     "(c) 1xTP4",
-    "(d) sticky conv",
-    "(d) sticky user",
+    "(d) conv",
+    "(d) user",
     "(d) bnd conv",
     "(d) bnd user",
     "(d) full",
@@ -110,7 +110,7 @@ fn chart(report: &HarborReport, path: &PathBuf) -> Result<(), Box<dyn Error>> {
     ttft.configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()?;
 
     // Aggregate throughput.
@@ -126,6 +126,7 @@ fn chart(report: &HarborReport, path: &PathBuf) -> Result<(), Box<dyn Error>> {
         .x_labels(n * 2 + 1)
         .x_label_formatter(&label)
         .x_label_style(("sans-serif", 11))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("tokens / s")
         .draw()?;
     tps.draw_series(runs.iter().enumerate().map(|(i, r)| {
