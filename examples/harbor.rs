@@ -96,7 +96,11 @@ fn chart(report: &HarborReport, path: &PathBuf) -> Result<(), Box<dyn Error>> {
         .x_label_style(("sans-serif", 11))
         .y_desc("seconds")
         .draw()?;
-    let colors = [RGBColor(120, 170, 220), RGBColor(30, 100, 180), RGBColor(10, 40, 90)];
+    let colors = [
+        RGBColor(120, 170, 220),
+        RGBColor(30, 100, 180),
+        RGBColor(10, 40, 90),
+    ];
     for (k, (name, color)) in ["p50", "p95", "p99"].iter().zip(colors).enumerate() {
         ttft.draw_series(runs.iter().enumerate().map(|(i, r)| {
             let p = &r.report.ttft;
@@ -136,7 +140,10 @@ fn chart(report: &HarborReport, path: &PathBuf) -> Result<(), Box<dyn Error>> {
             RGBColor(150, 150, 150)
         };
         Rectangle::new(
-            [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, r.report.throughput)],
+            [
+                (i as f64 - 0.35, 0.0),
+                (i as f64 + 0.35, r.report.throughput),
+            ],
             color.filled(),
         )
     }))?;

@@ -11,7 +11,9 @@ use replica_router_mock::sim::harbor::{
     chat_config, harbor_scenario, low_load_tpot, open_loop, sessions_per_sec, HarborConfig,
     FULL_STACK,
 };
-use replica_router_mock::sim::{measurements, simulate, Policy, PolicyReport, Scenario, SimOptions};
+use replica_router_mock::sim::{
+    measurements, simulate, Policy, PolicyReport, Scenario, SimOptions,
+};
 
 const SLO: Duration = Duration::from_millis(200);
 
@@ -25,7 +27,13 @@ fn run_chat(
     policy: Policy,
 ) -> (PolicyReport, Advice) {
     let per_sec = sessions_per_sec(&chat_config(), scenario, load, 11);
-    let workload = open_loop(&chat_config(), per_sec, window, 11, scenario.engine.block_size());
+    let workload = open_loop(
+        &chat_config(),
+        per_sec,
+        window,
+        11,
+        scenario.engine.block_size(),
+    );
     let options = SimOptions {
         seed: 11,
         shed_budget: Some(SLO),
@@ -33,7 +41,10 @@ fn run_chat(
         ..SimOptions::default()
     };
     let report = simulate(scenario, &workload, policy, &options).unwrap();
-    let advice = advise(&measurements(&report, scenario, SLO), &AdvisorConfig::default());
+    let advice = advise(
+        &measurements(&report, scenario, SLO),
+        &AdvisorConfig::default(),
+    );
     (report, advice)
 }
 
@@ -75,8 +86,14 @@ fn a_405b_model_on_tp2_reads_memory_bound() {
     };
     let report = simulate(&scenario, &workload, Policy::LeastLoaded, &options).unwrap();
     // The replica has almost no KV room left: most prompts are refused.
-    assert!(report.requests_completed < report.requests_planned / 2, "{report:?}");
-    let advice = advise(&measurements(&report, &scenario, SLO), &AdvisorConfig::default());
+    assert!(
+        report.requests_completed < report.requests_planned / 2,
+        "{report:?}"
+    );
+    let advice = advise(
+        &measurements(&report, &scenario, SLO),
+        &AdvisorConfig::default(),
+    );
     assert_eq!(advice.verdict, Verdict::MemoryBound, "{advice}");
     assert_eq!(advice.rule, Rule::ModelDoesNotFit);
     assert!(advice.evidence.memory_required_bytes > advice.evidence.memory_available_bytes);
@@ -162,7 +179,10 @@ fn the_guides_harbor_numbers_read_replica_bound() {
     // 1.0 + 120/256 of demand at 80% occupancy: two replicas.
     assert_eq!(advice.proposed.to_string(), "2 x TP=2 x PP=1 = 4 GPUs");
     let text = advice.to_string();
-    assert!(text.contains("replica-bound") && text.contains("utilization 78%"), "{text}");
+    assert!(
+        text.contains("replica-bound") && text.contains("utilization 78%"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -195,13 +215,15 @@ fn replica() -> impl Strategy<Value = ReplicaMeasurement> {
         0.0..500.0f64,
         0.0..=1.0f64,
     )
-        .prop_map(|(utilization, batch_occupancy, waiting, kv_usage)| ReplicaMeasurement {
-            id: "r".into(),
-            utilization,
-            batch_occupancy,
-            waiting,
-            kv_usage,
-        })
+        .prop_map(
+            |(utilization, batch_occupancy, waiting, kv_usage)| ReplicaMeasurement {
+                id: "r".into(),
+                utilization,
+                batch_occupancy,
+                waiting,
+                kv_usage,
+            },
+        )
 }
 
 fn measurements_strategy() -> impl Strategy<Value = Measurements> {

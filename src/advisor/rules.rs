@@ -86,7 +86,10 @@ fn evidence(m: &Measurements) -> Evidence {
     let max = |f: &dyn Fn(&crate::advisor::measure::ReplicaMeasurement) -> f64| -> f64 {
         m.replicas.iter().map(f).fold(0.0, f64::max)
     };
-    let gpus = m.tensor_parallel.max(1).saturating_mul(m.pipeline_parallel.max(1));
+    let gpus = m
+        .tensor_parallel
+        .max(1)
+        .saturating_mul(m.pipeline_parallel.max(1));
     Evidence {
         replicas: u32::try_from(n).unwrap_or(u32::MAX),
         mean_utilization: mean(&|r| r.effective_utilization()),
@@ -186,7 +189,9 @@ fn wider(current: Shape, tp: u32, config: &AdvisorConfig) -> Shape {
         Shape::new(
             current.replicas,
             max_tp,
-            current.pipeline_parallel.saturating_mul(tp.div_ceil(max_tp)),
+            current
+                .pipeline_parallel
+                .saturating_mul(tp.div_ceil(max_tp)),
         )
     }
 }

@@ -32,7 +32,9 @@ impl Shape {
 
     /// GPUs of one replica: `TP x PP`.
     pub fn gpus_per_replica(&self) -> u32 {
-        self.tensor_parallel.max(1).saturating_mul(self.pipeline_parallel.max(1))
+        self.tensor_parallel
+            .max(1)
+            .saturating_mul(self.pipeline_parallel.max(1))
     }
 
     /// GPUs of the whole set: `replicas x TP x PP`.
@@ -101,6 +103,7 @@ impl MemoryFit {
 
     /// KV-cache tokens left to a replica of `gpus` GPUs once the weights are loaded.
     pub fn kv_capacity_tokens(&self, gpus: u32) -> u64 {
-        self.available_bytes(gpus).saturating_sub(self.weight_bytes) / self.kv_bytes_per_token.max(1)
+        self.available_bytes(gpus).saturating_sub(self.weight_bytes)
+            / self.kv_bytes_per_token.max(1)
     }
 }

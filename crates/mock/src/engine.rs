@@ -573,9 +573,7 @@ async fn scheduler(
             .mul_f64(batch as f64 / SATURATION_BATCH as f64)
             .min(cfg.decode_step(batch))
             + prefill;
-        stats
-            .busy_nanos
-            .fetch_add(nanos(step), Ordering::Relaxed);
+        stats.busy_nanos.fetch_add(nanos(step), Ordering::Relaxed);
         stats
             .saturated_nanos
             .fetch_add(nanos(saturated), Ordering::Relaxed);

@@ -32,7 +32,10 @@ fn harbor_story_holds_on_the_simulation() {
     // (c) One TP=4 replica on the same four GPUs: faster per token at low load, but its
     // capacity is short of twice one TP=2 replica's, so at holiday load it sheds and queues
     // where two TP=2 replicas do not.
-    assert!(c.low_load_tpot.as_secs_f64() < 0.7 * a.low_load_tpot.as_secs_f64(), "{table}");
+    assert!(
+        c.low_load_tpot.as_secs_f64() < 0.7 * a.low_load_tpot.as_secs_f64(),
+        "{table}"
+    );
     assert!(report.tp4_capacity_ratio() < 1.9, "{table}");
     assert!(c.capacity_sessions_per_sec < b.capacity_sessions_per_sec);
     assert!(c.report.retries > b.report.retries, "{table}");

@@ -56,7 +56,13 @@ pub fn measurements(
 /// assert!(!fit.fits(1));
 /// ```
 pub fn memory_fit(engine: &MockConfig, context_tokens: u64) -> MemoryFit {
-    let bytes = |x: f64| if x.is_finite() && x > 0.0 { x as u64 } else { 0 };
+    let bytes = |x: f64| {
+        if x.is_finite() && x > 0.0 {
+            x as u64
+        } else {
+            0
+        }
+    };
     MemoryFit {
         gpu_memory_bytes: bytes(engine.gpu_memory_bytes),
         weight_bytes: bytes(engine.weight_bytes),

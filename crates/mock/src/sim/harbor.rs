@@ -165,7 +165,9 @@ impl HarborReport {
              | wait p95 (s) | TPOT low load (ms) | batch / max_num_seqs | utilization | in-flight max/mean \
              | prefill max/mean | shed retries | advisor: verdict -> shape |\n",
         );
-        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        out.push_str(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        );
         let base = self.one_replica_holiday.report.throughput.max(1e-9);
         for run in self.runs() {
             let r = &run.report;
@@ -353,9 +355,11 @@ pub fn low_load_tpot(config: &HarborConfig, tp: u32) -> Result<Duration, SimSetu
         seed: config.seed,
         ..SimOptions::default()
     };
-    Ok(simulate(&scenario, &workload, Policy::LeastLoaded, &options)?
-        .tpot
-        .p50)
+    Ok(
+        simulate(&scenario, &workload, Policy::LeastLoaded, &options)?
+            .tpot
+            .p50,
+    )
 }
 
 /// The full stack of the refactor: sticky by conversation with bounded loads (in estimated

@@ -19,12 +19,12 @@ use replica_router::affinity::AffinityConfigError;
 use replica_router::decision::DecisionReason;
 use replica_router::error::RouteError;
 use replica_router::load::WaitEstimator;
-use replica_router::shed::ShedLayer;
 use replica_router::pool::Pool;
 use replica_router::prefix::{PrefixHashes, PrefixIndexConfig};
 use replica_router::replica::PoolError;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::request::RouteRequest;
+use replica_router::shed::ShedLayer;
 
 /// Knobs of a run beyond the scenario and the workload.
 #[derive(Debug, Clone, PartialEq)]
@@ -539,7 +539,9 @@ fn summarize(
                 .as_secs_f64()
                 .max(1e-9);
             let busy = at_end.busy_time.saturating_sub(at_start.busy_time);
-            let saturated = at_end.saturated_time.saturating_sub(at_start.saturated_time);
+            let saturated = at_end
+                .saturated_time
+                .saturating_sub(at_start.saturated_time);
             ReplicaReport {
                 id: plan.id.clone(),
                 weight: plan.weight,
