@@ -52,18 +52,20 @@ pub struct ReplicaReport {
     pub prefix_hits: u64,
     /// The engine's `max_num_seqs`.
     pub max_num_seqs: usize,
-    /// Share of the arrival window the engine spent running steps (0 to 1).
+    /// Share of the arrival window past the warm-up
+    /// ([`SimOptions::warmup`](crate::sim::SimOptions::warmup)) the engine spent running steps
+    /// (0 to 1).
     pub busy_fraction: f64,
-    /// Compute utilization over the arrival window (0 to 1): the engine's work at full-batch
-    /// efficiency over the window (see [`MockStats::saturated_time`](crate::MockStats)).
+    /// Compute utilization over the same span (0 to 1): the engine's work at full-batch
+    /// efficiency over that span (see [`MockStats::saturated_time`](crate::MockStats)).
     pub utilization: f64,
-    /// Sequences in its running batch, averaged over the arrival window (sampled).
+    /// Sequences in its running batch, averaged over the same span (sampled).
     pub mean_running: f64,
     /// Most sequences seen in its running batch (sampled).
     pub peak_running: usize,
-    /// Requests waiting in its engine queue, averaged over the arrival window (sampled).
+    /// Requests waiting in its engine queue, averaged over the same span (sampled).
     pub mean_waiting: f64,
-    /// KV-cache usage averaged over the arrival window (sampled, 0 to 1).
+    /// KV-cache usage averaged over the same span (sampled, 0 to 1).
     pub mean_kv_usage: f64,
     /// Highest KV-cache usage seen (sampled, 0 to 1).
     pub peak_kv_usage: f64,
