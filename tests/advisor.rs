@@ -62,11 +62,18 @@ fn harbor_two_tp2_replicas_at_high_concurrency_read_replica_bound() {
     assert_eq!(advice.verdict, Verdict::ReplicaBound, "{advice}");
     assert_eq!(advice.rule, Rule::SaturatedByConcurrency);
     let e = &advice.evidence;
-    // Busy GPUs (not memory-bound), batches at max_num_seqs, waits past the SLO.
+    // Busy GPUs (not memory-bound), batches mostly full and reaching max_num_seqs, waits past
+    // the SLO (the shedding layer's 429s and retries included).
     assert!(e.mean_utilization >= 0.6, "{advice}");
-    assert!(e.max_batch_occupancy >= 0.9, "{advice}");
+    assert!(e.mean_batch_occupancy >= 0.8, "{advice}");
+    assert!(e.max_kv_usage < 0.95, "{advice}");
     assert!(e.p95_queue_wait > SLO, "{advice}");
-    assert!(report.replicas.iter().all(|r| r.peak_running == 256));
+    assert!(report.retries > 0, "{advice}");
+    assert!(
+        report.replicas.iter().all(|r| r.peak_running == 256),
+        "{:?}",
+        report.replicas
+    );
     // More replicas of the same TP=2 shape.
     assert!(advice.proposed.replicas >= 3, "{advice}");
     assert_eq!(advice.proposed.tensor_parallel, 2);
