@@ -138,6 +138,9 @@ pub struct PolicyReport {
     pub ttft: Percentiles,
     /// End-to-end latency, from the client sending the turn to the last token.
     pub e2e: Percentiles,
+    /// Every completed request's time to first token, sorted (the distribution behind
+    /// [`ttft`](Self::ttft)).
+    pub ttft_samples: Vec<Duration>,
     /// Mean time to first token.
     pub ttft_mean: Duration,
     /// Queue wait: from the client sending the turn (first attempt) to the engine admitting the

@@ -568,6 +568,7 @@ fn summarize(
         requests_planned: workload.requests() as u64,
         requests_completed: ttfts.len() as u64,
         ttft: Percentiles::of(&mut ttfts),
+        ttft_samples: ttfts,
         e2e: Percentiles::of(&mut e2es),
         ttft_mean,
         queue_wait: Percentiles::of(&mut waits),
