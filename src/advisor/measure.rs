@@ -63,7 +63,8 @@ pub struct Measurements {
 
 impl Measurements {
     /// Measurements of a pool with no replica measured yet: `TP x PP` replicas of
-    /// `max_num_seqs`, no SLO breach, no latency target and no memory fit.
+    /// `max_num_seqs`, a p95 queue wait of zero against the guide's 200 ms SLO, no latency
+    /// target and no memory fit.
     pub fn new(tensor_parallel: u32, pipeline_parallel: u32, max_num_seqs: u32) -> Measurements {
         Measurements {
             tensor_parallel: tensor_parallel.max(1),
