@@ -34,7 +34,9 @@
 //! Beside them: [`health`] (active probes, outlier ejection with back-off, slow-start
 //! re-admission, failover of requests whose replica died before answering, drain), [`load`]
 //! (vLLM's Prometheus `/metrics` as load reports), [`autoscale`] (scale out / hold / scale in
-//! from p95 queue wait, utilization and shed rate), [`rollout`] (rolling restarts at most
+//! from p95 queue wait, utilization and shed rate), [`advisor`] (what to change: the guide's
+//! decision tables as rules, reading replica-, shard-, memory-bound or under-utilized with the
+//! proposed `replicas x TP x PP`), [`rollout`] (rolling restarts at most
 //! `max_unavailable` replicas at a time: drain, restart, probe until ready, slow-start
 //! readmission; and staggered starts of new replicas, so N replicas never load N copies of the
 //! weights at once), [`select`] (one gateway in front of several pools: chat, batch, embeddings,
@@ -94,6 +96,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod advisor;
 pub mod affinity;
 pub mod autoscale;
 pub mod backend;

@@ -53,6 +53,15 @@ pub struct MockConfig {
     pub default_output_tokens: u32,
     /// Divides every duration; 1.0 is real speed.
     pub time_scale: f64,
+    /// Bytes of the model's weights (default: a 70B model in FP8, 70 GB), for the derived KV
+    /// capacity.
+    pub weight_bytes: f64,
+    /// Bytes of KV cache per token (default: 320 KiB, a Llama-3-70B-class model in fp16; half
+    /// that with an FP8 KV cache).
+    pub kv_bytes_per_token: f64,
+    /// Usable bytes of one GPU (default: an H100-80GB at vLLM's `gpu_memory_utilization` of
+    /// 0.9, 72 GB).
+    pub gpu_memory_bytes: f64,
 }
 
 impl Default for MockConfig {
@@ -72,6 +81,9 @@ impl Default for MockConfig {
             block_size: 16,
             default_output_tokens: 128,
             time_scale: 1.0,
+            weight_bytes: WEIGHT_BYTES,
+            kv_bytes_per_token: KV_BYTES_PER_TOKEN,
+            gpu_memory_bytes: GPU_BYTES,
         }
     }
 }
@@ -104,9 +116,16 @@ impl MockConfig {
         if let Some(c) = self.kv_capacity_tokens {
             return c.max(u64::from(self.block_size()));
         }
-        let free = f64::from(self.tp()) * GPU_BYTES - WEIGHT_BYTES;
-        // A replica too small for the weights still gets a token of room per block, so it can run.
-        ((free / KV_BYTES_PER_TOKEN).max(f64::from(self.block_size()) * 64.0)) as u64
+        let free = f64::from(self.tp()) * self.gpu_memory_bytes - self.weight_bytes;
+        let per_token = if self.kv_bytes_per_token.is_finite() && self.kv_bytes_per_token > 0.0 {
+            self.kv_bytes_per_token
+        } else {
+            KV_BYTES_PER_TOKEN
+        };
+        // A replica too small for the weights still gets 64 blocks of room, so it can run.
+        let tokens = free / per_token;
+        let tokens = if tokens.is_finite() { tokens } else { 0.0 };
+        tokens.max(f64::from(self.block_size()) * 64.0) as u64
     }
 
     /// Prefix-cache capacity in tokens: the KV capacity plus `tp` times the host tier.

@@ -161,7 +161,18 @@ pub struct MockStats {
     pub finished: u64,
     /// Engine steps run.
     pub steps: u64,
+    /// Time spent running engine steps (the engine is idle the rest of the time).
+    pub busy_time: Duration,
+    /// The time the steps' work would take at full-batch efficiency: each decoded token at the
+    /// per-sequence cost of a batch of 256 (the speed table's saturation point), each prefilled
+    /// token at the prefill rate. Over elapsed time it is the engine's compute utilization (a
+    /// batch of one uses about 1% of the GPUs; a full batch, all of it).
+    pub saturated_time: Duration,
 }
+
+/// The batch size at which the engine's step is taken as fully efficient (the reference point
+/// of [`MockConfig::decode_step_batch256`]).
+const SATURATION_BATCH: usize = 256;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -174,6 +185,8 @@ struct Stats {
     generation_tokens: AtomicU64,
     finished: AtomicU64,
     steps: AtomicU64,
+    busy_nanos: AtomicU64,
+    saturated_nanos: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -279,6 +292,8 @@ impl MockEngine {
             generation_tokens: s.generation_tokens.load(Ordering::Relaxed),
             finished: s.finished.load(Ordering::Relaxed),
             steps: s.steps.load(Ordering::Relaxed),
+            busy_time: Duration::from_nanos(s.busy_nanos.load(Ordering::Relaxed)),
+            saturated_time: Duration::from_nanos(s.saturated_nanos.load(Ordering::Relaxed)),
         }
     }
 
@@ -549,9 +564,19 @@ async fn scheduler(
             }
             chunks.push(chunk);
         }
-        let step = cfg.decode_step(batch) + cfg.prefill_time(prefill_tokens);
+        let prefill = cfg.prefill_time(prefill_tokens);
+        let step = cfg.decode_step(batch) + prefill;
         tokio::time::sleep(step).await;
         stats.steps.fetch_add(1, Ordering::Relaxed);
+        let saturated = cfg
+            .decode_step(SATURATION_BATCH)
+            .mul_f64(batch as f64 / SATURATION_BATCH as f64)
+            .min(cfg.decode_step(batch))
+            + prefill;
+        stats.busy_nanos.fetch_add(nanos(step), Ordering::Relaxed);
+        stats
+            .saturated_nanos
+            .fetch_add(nanos(saturated), Ordering::Relaxed);
 
         let now = Instant::now();
         let mut generated_now: u64 = 0;
@@ -609,4 +634,8 @@ async fn scheduler(
             .sum();
         stats.kv_used.store(kv_used, Ordering::Relaxed);
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -42,6 +42,11 @@
 //! - [`Policy::CacheAware`]: a reference policy rebuilt from SGLang's cache-aware router
 //!   ([`CacheAwareRouter`]).
 //!
+//! - [`harbor`]: the guide's Harbor Analytics story (one TP=2 replica at holiday load, two behind
+//!   the full stack, one TP=4 on the same GPUs, the long-context lesson) with the capacity
+//!   advisor's verdict on each ([`measurements`] turns a run into the advisor's input);
+//!   `examples/harbor.rs` prints its table.
+//!
 //! `examples/simulate.rs` prints the tables; `notes/BENCH-sim.md` and
 //! `notes/BENCH-sim-heavy.md` have runs of it.
 //!
@@ -63,10 +68,12 @@
 //! println!("{}", report.to_markdown());
 //! ```
 
+mod advice;
 mod backend;
 mod cache_aware;
 mod capacity;
 mod context;
+pub mod harbor;
 mod policy;
 mod report;
 mod run;
@@ -74,6 +81,7 @@ mod scenario;
 mod trace;
 mod workload;
 
+pub use self::advice::{measurements, memory_fit};
 pub use self::backend::{SimBackend, SimError, SimRequest, SimResponse, SimStream};
 pub use self::cache_aware::{
     CacheAware, CacheAwareChoice, CacheAwareConfig, CacheAwareLayer, CacheAwareRouter, WorkerLoad,

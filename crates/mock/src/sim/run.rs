@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::sim::backend::{SimBackend, SimRequest, SimStream};
 use crate::sim::context::{route_context, TurnInfo};
@@ -14,15 +14,17 @@ use crate::sim::policy::Policy;
 use crate::sim::report::{Percentiles, PolicyReport, ReasonCounts, ReplicaReport};
 use crate::sim::scenario::Scenario;
 use crate::sim::workload::{Pacing, SessionPlan, Workload};
-use crate::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest};
+use crate::{MockConfig, MockEngine, MockEvent, MockPrompt, MockRequest, MockStats};
 use replica_router::affinity::AffinityConfigError;
 use replica_router::decision::DecisionReason;
 use replica_router::error::RouteError;
+use replica_router::load::WaitEstimator;
 use replica_router::pool::Pool;
 use replica_router::prefix::{PrefixHashes, PrefixIndexConfig};
 use replica_router::replica::PoolError;
 use replica_router::replica::{ReplicaSpec, SpecPolicy};
 use replica_router::request::RouteRequest;
+use replica_router::shed::ShedLayer;
 
 /// Knobs of a run beyond the scenario and the workload.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +39,14 @@ pub struct SimOptions {
     pub max_attempts: u32,
     /// Send requests without session and user keys (only their content can find the cache).
     pub keyless: bool,
+    /// Put a [`ShedLayer`] with this wait budget in front of the policy's stack (a 429 when
+    /// every replica's estimated queue wait is past it; the client retries after
+    /// [`retry_backoff`](Self::retry_backoff)); its estimator counts each replica's
+    /// `max_num_seqs` as its slots. `None` (the default): no shedding.
+    pub shed_budget: Option<Duration>,
+    /// The start of the arrival window left out of the throughput and of the replicas' batch,
+    /// queue, KV and utilization figures, while the sessions ramp up (zero by default).
+    pub warmup: Duration,
 }
 
 impl Default for SimOptions {
@@ -47,6 +57,8 @@ impl Default for SimOptions {
             retry_backoff: Duration::from_millis(500),
             max_attempts: 20,
             keyless: false,
+            shed_budget: None,
+            warmup: Duration::ZERO,
         }
     }
 }
@@ -128,6 +140,10 @@ struct Record {
     moved: bool,
     /// Prompt tokens prefilled for this turn (not found in the replica's cache).
     prefilled: u32,
+    /// From the first send to the engine's admission of the attempt that completed.
+    queue_wait: Duration,
+    /// Mean time per output token after the first (when at least two).
+    tpot: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -206,6 +222,16 @@ async fn run(
         ..defaults
     };
     let stack = policy.stack(&pool, options.seed, index)?;
+    let stack = match options.shed_budget {
+        None => stack,
+        Some(budget) => {
+            let slots = scenario.engine.max_num_seqs.max(1) as f64;
+            let shed = ShedLayer::new(pool.clone())
+                .budget(budget)
+                .estimator(WaitEstimator::new().slots_per_weight(slots));
+            BoxCloneService::new(shed.layer(stack))
+        }
+    };
     let env = Arc::new(Env {
         start,
         block_size: workload.block_size,
@@ -216,24 +242,38 @@ async fn run(
         keyed: policy.is_keyed(),
     });
 
-    // Load sampler: time-averaged requests in flight per replica.
+    // Load sampler: time-averaged requests in flight per replica (the whole run), and the
+    // engines' batch, queue and KV usage over the arrival window.
     let done = Arc::new(AtomicBool::new(false));
     let sampler = {
         let pool = pool.clone();
         let done = done.clone();
+        let engines: Vec<MockEngine> = backends.iter().map(|b| b.engine().clone()).collect();
+        let window = workload.config.arrival_window;
+        let warmup = options.warmup.min(window);
         let every = options.sample_every.max(Duration::from_millis(1));
         tokio::spawn(async move {
             let snapshot = pool.snapshot();
-            let mut sums = vec![0u64; snapshot.len()];
-            let mut samples = 0u64;
+            let mut samples = Samples::new(snapshot.len());
             while !done.load(Ordering::Relaxed) {
                 tokio::time::sleep(every).await;
-                for (s, r) in sums.iter_mut().zip(snapshot.replicas()) {
-                    *s += r.state().in_flight();
+                let elapsed = start.elapsed();
+                let in_window = elapsed >= warmup && elapsed <= window;
+                for (i, r) in snapshot.replicas().iter().enumerate() {
+                    samples.in_flight[i] += r.state().in_flight();
+                    if in_window && samples.at_warmup_end[i].is_none() {
+                        samples.at_warmup_end[i] = Some(engines[i].stats());
+                    }
+                    if in_window {
+                        samples.engine[i].add(&engines[i].stats());
+                    } else if elapsed > window && samples.at_window_end[i].is_none() {
+                        samples.at_window_end[i] = Some(engines[i].stats());
+                    }
                 }
-                samples += 1;
+                samples.count += 1;
+                samples.window_count += u64::from(in_window);
             }
-            (sums, samples)
+            samples
         })
     };
 
@@ -261,7 +301,7 @@ async fn run(
     }
     let makespan = start.elapsed();
     done.store(true, Ordering::Relaxed);
-    let (sums, samples) = joined(sampler.await);
+    let samples = joined(sampler.await);
 
     let snapshot = pool.snapshot();
     let leftover_in_flight = snapshot
@@ -283,9 +323,10 @@ async fn run(
         policy,
         &backends,
         outcomes,
-        (sums, samples),
+        samples,
         makespan,
         leftover_in_flight,
+        options.warmup,
     ))
 }
 
@@ -390,8 +431,14 @@ async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> Sess
                     }
                     Ok(Some(MockEvent::Done(usage))) => {
                         let now = Instant::now();
+                        let first = ttft.unwrap_or(now - t0);
+                        // The engine's own time from admission to the first token is prefill.
+                        let engine_prefill = usage.ttft.saturating_sub(usage.queued);
+                        let tpot = (usage.completion_tokens >= 2).then(|| {
+                            (now - t0).saturating_sub(first) / (usage.completion_tokens - 1)
+                        });
                         out.records.push(Record {
-                            ttft: ttft.unwrap_or(now - t0),
+                            ttft: first,
                             e2e: now - t0,
                             done_at: now - env.start,
                             completion_tokens: usage.completion_tokens,
@@ -399,6 +446,8 @@ async fn run_session(plan: SessionPlan, mut stack: Stack, env: Arc<Env>) -> Sess
                             reason,
                             moved: last_replica.is_some_and(|r| r != replica),
                             prefilled: usage.prompt_tokens - usage.cached_tokens,
+                            queue_wait: first.saturating_sub(engine_prefill),
+                            tpot,
                         });
                         last_replica = Some(replica);
                         continue 'turns;
@@ -421,13 +470,17 @@ fn summarize(
     policy: Policy,
     backends: &[SimBackend],
     outcomes: Vec<SessionOutcome>,
-    (sums, samples): (Vec<u64>, u64),
+    samples: Samples,
     makespan: Duration,
     leftover_in_flight: u64,
+    options_warmup: Duration,
 ) -> PolicyReport {
     let window = workload.config.arrival_window;
+    let warmup = options_warmup.min(window);
     let mut ttfts = Vec::new();
     let mut e2es = Vec::new();
+    let mut waits = Vec::new();
+    let mut tpots = Vec::new();
     let mut reasons = ReasonCounts::default();
     let mut per_replica_requests = vec![0u64; backends.len()];
     let (mut moved, mut aborted, mut retries, mut abandoned, mut routed_to_failed) =
@@ -442,11 +495,13 @@ fn summarize(
         for r in &o.records {
             ttfts.push(r.ttft);
             e2es.push(r.e2e);
+            waits.push(r.queue_wait);
+            tpots.extend(r.tpot);
             if r.moved {
                 moved += 1;
                 replayed += u64::from(r.prefilled);
             }
-            if r.done_at <= window {
+            if r.done_at >= warmup && r.done_at <= window {
                 window_tokens += u64::from(r.completion_tokens);
             }
             if let Some(n) = per_replica_requests.get_mut(r.replica) {
@@ -474,13 +529,34 @@ fn summarize(
         .enumerate()
         .map(|(i, (plan, b))| {
             let stats = b.engine().stats();
+            let at_end = samples.at_window_end[i].unwrap_or(stats);
+            let at_start = samples.at_warmup_end[i].unwrap_or_default();
+            let engine = &samples.engine[i];
+            let n = samples.window_count.max(1) as f64;
+            let span = window
+                .min(makespan)
+                .saturating_sub(warmup)
+                .as_secs_f64()
+                .max(1e-9);
+            let busy = at_end.busy_time.saturating_sub(at_start.busy_time);
+            let saturated = at_end
+                .saturated_time
+                .saturating_sub(at_start.saturated_time);
             ReplicaReport {
                 id: plan.id.clone(),
                 weight: plan.weight,
                 requests: per_replica_requests[i],
-                mean_in_flight: sums.get(i).copied().unwrap_or(0) as f64 / samples.max(1) as f64,
+                mean_in_flight: samples.in_flight[i] as f64 / samples.count.max(1) as f64,
                 prefix_queries: stats.prefix_queries,
                 prefix_hits: stats.prefix_hits,
+                max_num_seqs: b.engine().config().max_num_seqs,
+                busy_fraction: (busy.as_secs_f64() / span).min(1.0),
+                utilization: (saturated.as_secs_f64() / span).min(1.0),
+                mean_running: engine.running as f64 / n,
+                peak_running: engine.peak_running,
+                mean_waiting: engine.waiting as f64 / n,
+                mean_kv_usage: engine.kv_usage / n,
+                peak_kv_usage: engine.peak_kv_usage,
             }
         })
         .collect();
@@ -492,9 +568,19 @@ fn summarize(
         requests_planned: workload.requests() as u64,
         requests_completed: ttfts.len() as u64,
         ttft: Percentiles::of(&mut ttfts),
+        ttft_samples: ttfts,
         e2e: Percentiles::of(&mut e2es),
         ttft_mean,
-        throughput: window_tokens as f64 / window.as_secs_f64().max(1e-9),
+        queue_wait: Percentiles::of(&mut waits),
+        tpot: Percentiles::of(&mut tpots),
+        max_context_tokens: workload
+            .sessions
+            .iter()
+            .flat_map(|s| s.turns.iter())
+            .map(|t| t.prompt_tokens.saturating_add(t.answer_tokens))
+            .max()
+            .unwrap_or(0),
+        throughput: window_tokens as f64 / (window - warmup).as_secs_f64().max(1e-9),
         makespan,
         prefix_hit_rate: hits as f64 / queries.max(1) as f64,
         prefill_computed: queries - hits,
@@ -509,6 +595,56 @@ fn summarize(
         routed_to_failed,
         leftover_in_flight,
         replicas,
+    }
+}
+
+/// What the load sampler collected.
+#[derive(Default)]
+struct Samples {
+    /// Per replica: the sum of sampled requests in flight (the whole run).
+    in_flight: Vec<u64>,
+    /// Per replica: the engine's sampled counters (the arrival window).
+    engine: Vec<EngineSamples>,
+    /// Per replica: the engine's counters at the first sample past the warm-up.
+    at_warmup_end: Vec<Option<MockStats>>,
+    /// Per replica: the engine's counters at the first sample past the arrival window.
+    at_window_end: Vec<Option<MockStats>>,
+    /// Samples taken.
+    count: u64,
+    /// Samples taken within the arrival window.
+    window_count: u64,
+}
+
+impl Samples {
+    fn new(replicas: usize) -> Samples {
+        Samples {
+            in_flight: vec![0; replicas],
+            engine: vec![EngineSamples::default(); replicas],
+            at_warmup_end: vec![None; replicas],
+            at_window_end: vec![None; replicas],
+            count: 0,
+            window_count: 0,
+        }
+    }
+}
+
+/// Sums and peaks of one engine's sampled batch, queue and KV usage.
+#[derive(Debug, Clone, Copy, Default)]
+struct EngineSamples {
+    running: u64,
+    peak_running: usize,
+    waiting: u64,
+    kv_usage: f64,
+    peak_kv_usage: f64,
+}
+
+impl EngineSamples {
+    fn add(&mut self, s: &MockStats) {
+        self.running += s.running as u64;
+        self.peak_running = self.peak_running.max(s.running);
+        self.waiting += s.waiting as u64;
+        self.kv_usage += s.kv_usage;
+        self.peak_kv_usage = self.peak_kv_usage.max(s.kv_usage);
     }
 }
 
