@@ -1,12 +1,14 @@
 //! The admin routes: `GET /admin/replicas`, each replica's spec, state and load as the gateway
-//! sees it, so tail latency can be debugged per replica (the guide's pitfalls).
+//! sees it, so tail latency can be debugged per replica (the guide's pitfalls); and
+//! `GET /admin/advice`, the capacity advisor's verdict per pool from the same figures.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use replica_router::advisor::{advise, AdvisorConfig, Measurements};
 use replica_router::load::WaitEstimator;
 use replica_router::pool::{Health, Replica, SlowStart};
 
@@ -19,6 +21,7 @@ use super::upstream::Upstream;
 pub(crate) fn route(shared: &Shared, path: &str) -> Option<Response<GatewayBody>> {
     match path {
         "/admin/replicas" => Some(json_response(StatusCode::OK, &replicas(shared))),
+        "/admin/advice" => Some(json_response(StatusCode::OK, &advice(shared))),
         _ => None,
     }
 }
@@ -49,6 +52,45 @@ pub(crate) fn replicas(shared: &Shared) -> Value {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     json!({"generated_at_unix_ms": unix_ms, "pools": pools})
+}
+
+/// The advisor's report per pool, from the engines' fresh load reports (batch occupancy against
+/// `--max-num-seqs`, queue, KV usage) and the gateway's wait estimates (their largest stands for
+/// the p95 queue wait, held to `--slo-wait-ms` or 200 ms). The router does not see the GPUs:
+/// utilization is read as batch occupancy, and there is no low-load latency or memory figure.
+pub(crate) fn advice(shared: &Shared) -> Value {
+    let now = Instant::now();
+    let estimator = WaitEstimator::new();
+    let pools: Vec<Value> = shared
+        .tiers
+        .iter()
+        .map(|t| {
+            let snap = t.pool.load();
+            let mut m = Measurements::from_snapshot(
+                &snap,
+                shared.max_num_seqs,
+                now,
+                Duration::from_secs(5),
+            );
+            m.p95_queue_wait = snap
+                .replicas()
+                .iter()
+                .map(|r| estimator.estimate(r, snap.slow_start(), now).wait)
+                .max()
+                .unwrap_or_default();
+            m.queue_wait_slo = shared.slo_wait.unwrap_or(Duration::from_millis(200));
+            let advice = advise(&m, &AdvisorConfig::default());
+            let report: Value = serde_json::from_str(&advice.to_json()).unwrap_or(Value::Null);
+            json!({
+                "model": t.model.as_deref().unwrap_or(ANY_MODEL),
+                "replicas_reporting": m.replicas.len(),
+                "replicas": snap.len(),
+                "summary": advice.to_string(),
+                "advice": report,
+            })
+        })
+        .collect();
+    json!({"pools": pools})
 }
 
 fn replica(

@@ -278,6 +278,9 @@ pub struct GatewayConfig {
     /// (`--admin on|off|ADDR`): on the main listener (default), nowhere, or only on their own
     /// address (keep it on loopback or a private network: they show the fleet's state).
     pub admin: AdminMode,
+    /// The engines' batch ceiling (`--max-num-seqs N`, default 256, vLLM's), for
+    /// `GET /admin/advice`'s batch occupancy.
+    pub max_num_seqs: u32,
 }
 
 /// Where the admin routes are served (`--admin`).
@@ -371,6 +374,7 @@ impl Default for GatewayConfig {
             api_keys: None,
             trust_tenant_header: false,
             admin: AdminMode::On,
+            max_num_seqs: 256,
         }
     }
 }
@@ -410,7 +414,7 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W][,model=NAME][,m
   [--max-connections N] [--max-buffered-body-bytes N] [--upstream-ttfb-timeout-ms N]
   [--upstream-idle-timeout-ms N] [--shutdown-grace-ms N]
   [--tenant-concurrency N] [--store-failure open|closed]
-  [--api-keys FILE] [--trust-tenant-header] [--admin on|off|ADDR]
+  [--api-keys FILE] [--trust-tenant-header] [--admin on|off|ADDR] [--max-num-seqs N]
 transport limits (0 turns one off): --header-timeout-ms first request head of a connection
   (default 10000); --keepalive-idle-ms wait for and read each later request head (60000; 0 = no
   keep-alive); --body-timeout-ms whole request body (60000, else 408); --body-idle-timeout-ms
@@ -577,6 +581,13 @@ impl GatewayConfig {
                     };
                 }
                 "--api-keys" => cfg.api_keys = Some(value()?.into()),
+                "--max-num-seqs" => {
+                    let n: u32 = number(flag, &value()?)?;
+                    if n == 0 {
+                        return Err(ConfigError::new(format!("{flag}: must be at least 1")));
+                    }
+                    cfg.max_num_seqs = n;
+                }
                 "--admin" => {
                     let v = value()?;
                     cfg.admin = match v.as_str() {

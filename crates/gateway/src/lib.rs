@@ -60,8 +60,10 @@
 //!   `context_length_exceeded`. `/v1/embeddings` is routed without session affinity.
 //! - `GET /admin/replicas` (JSON): per pool and replica its spec, state, in-flight requests and
 //!   tokens, work model, engine load report and its age, wait estimate and share of traffic.
-//!   `--admin off` turns admin routes off, `--admin ADDR` serves them only on that address; with
-//!   `--api-keys` they need a key.
+//!   `GET /admin/advice`: per pool the capacity
+//!   [advisor](replica_router::advisor)'s verdict from the engines' load reports (batch occupancy
+//!   against `--max-num-seqs`) and the wait estimates. `--admin off` turns admin routes off,
+//!   `--admin ADDR` serves them only on that address; with `--api-keys` they need a key.
 //! - `GET /metrics`: the installed recorder's rendering (if the application passes one, see
 //!   [`Gateway::bind_with_metrics`]; the library itself never installs a recorder) followed by
 //!   per-replica gauges read from the pool. `GET /health`: 200 while a replica is eligible, else 503.
@@ -387,6 +389,8 @@ async fn shared(
         extractor: service::extractor(cfg),
         by_model: tiers.iter().any(|t| t.model.is_some()),
         admin_here: cfg.admin == AdminMode::On,
+        max_num_seqs: cfg.max_num_seqs,
+        slo_wait: cfg.slo_wait,
         tiers: tiers.to_vec(),
         max_body: cfg.max_body_bytes,
         render,

@@ -387,6 +387,10 @@ pub(crate) struct Shared {
     pub(crate) by_model: bool,
     /// Whether this listener serves the admin routes (`--admin on`).
     pub(crate) admin_here: bool,
+    /// `--max-num-seqs`, for `/admin/advice`.
+    pub(crate) max_num_seqs: u32,
+    /// `--slo-wait-ms`, for `/admin/advice`.
+    pub(crate) slo_wait: Option<std::time::Duration>,
     pub(crate) stack: Stack,
     pub(crate) max_body: usize,
     pub(crate) render: Option<MetricsRender>,

@@ -158,3 +158,75 @@ async fn admin_routes_can_be_turned_off_or_moved_to_their_own_address() {
     );
     moved.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_advice_reads_a_saturated_pool_as_replica_bound() {
+    // One replica whose batch holds 4 sequences, at real speed: 24 long streams saturate it.
+    let cfg = MockConfig {
+        max_num_seqs: 4,
+        time_scale: 1.0,
+        ..MockConfig::default()
+    };
+    let rep = MockServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), MockEngine::new(cfg))
+        .await
+        .unwrap();
+    let gw = gateway(std::slice::from_ref(&rep), &["--max-num-seqs", "4"]).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (status, idle) = get(&c, gw.local_addr(), "/admin/advice").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(idle["pools"][0]["replicas"], 1);
+    let mut load = Vec::new();
+    for i in 0..24 {
+        let c = c.clone();
+        let addr = gw.local_addr();
+        load.push(tokio::spawn(async move {
+            let body = format!(
+                r#"{{"model":"mock-llama-3-70b","messages":[{{"role":"user","content":"story {i}"}}],"max_tokens":400,"stream":true}}"#
+            );
+            let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            if let Ok(resp) = c.request(req).await {
+                let _ = resp.into_body().collect().await;
+            }
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let advice = loop {
+        let (_, v) = get(&c, gw.local_addr(), "/admin/advice").await;
+        if v["pools"][0]["advice"]["verdict"] == "replica-bound" {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never replica-bound: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pool = &advice["pools"][0];
+    assert_eq!(pool["replicas_reporting"], 1);
+    let evidence = &pool["advice"]["evidence"];
+    assert!(
+        evidence["mean_batch_occupancy"].as_f64().unwrap() >= 0.9,
+        "{evidence}"
+    );
+    assert!(
+        evidence["mean_waiting"].as_f64().unwrap() > 0.0,
+        "{evidence}"
+    );
+    // More replicas of the same shape proposed.
+    let proposed = &pool["advice"]["proposed"];
+    assert!(
+        proposed["replicas"].as_u64().unwrap() > 1,
+        "{}",
+        pool["advice"]
+    );
+    assert!(
+        pool["summary"].as_str().unwrap().contains("replica"),
+        "{pool}"
+    );
+    for t in load {
+        t.abort();
+    }
+    gw.shutdown().await;
+}
