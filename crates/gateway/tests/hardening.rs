@@ -553,6 +553,8 @@ async fn request_line_and_header_checks() {
     let (up, mut heads, task) = recording_replica().await;
     let gw = gateway(&[format!("http://{up}")], &["--tenant-tokens", "1000/60"]).await;
     let addr = gw.local_addr();
+    // The gateway asked the replica for its context limit at start (GET /v1/models).
+    while heads.try_recv().is_ok() {}
     // CONNECT is refused, never forwarded.
     let (text, _) = exchange(
         addr,
