@@ -169,3 +169,68 @@ async fn one_round_trip_per_period() {
     let info = String::from_utf8(server.raw(&[b"INFO", b"commandstats"])).unwrap();
     assert!(info.contains("evalsha") || info.contains("eval"), "{info}");
 }
+
+/// A keyless prompt one gateway sent is found from another: the placements of each gateway's
+/// prefix index reach the others' through one Redis stream, never echoed back to the sender.
+#[tokio::test]
+async fn a_prefix_sent_through_one_gateway_is_found_from_the_other() {
+    use replica_router::cluster::{PrefixShare, PrefixShareConfig};
+    use replica_router::prefix::PrefixHashes;
+    use replica_router::replica::ReplicaId;
+
+    let server = redis_or_skip!();
+    let url = server.url();
+    let (pool_a, pool_b) = (scripted_pool(3), scripted_pool(3));
+    let index_a = Arc::new(PrefixIndex::default().sharing(1024));
+    let index_b = Arc::new(PrefixIndex::default().sharing(1024));
+    let config = |id: &str| PrefixShareConfig {
+        name: "test".into(),
+        gateway_id: id.into(),
+        period: Duration::from_millis(50),
+        ..PrefixShareConfig::default()
+    };
+    let share_a = PrefixShare::spawn(
+        &store(&url).await,
+        pool_a.clone(),
+        index_a.clone(),
+        config("a"),
+    );
+    let share_b = PrefixShare::spawn(
+        &store(&url).await,
+        pool_b.clone(),
+        index_b.clone(),
+        config("b"),
+    );
+    until("both shares ran a round", || {
+        share_a.stats().rounds() > 0 && share_b.stats().rounds() > 0
+    })
+    .await;
+    // Gateway A sends a 4k-token prompt to r1 (and one to a replica B's pool does not have).
+    let chain: Vec<u64> = (1..=256).collect();
+    let prompt = PrefixHashes::from_block_chain(&chain, 16, 4096);
+    let r1 = ReplicaId::new("r1").unwrap();
+    index_a.record(&r1, 1.0, &prompt);
+    index_a.record(
+        &ReplicaId::new("elsewhere").unwrap(),
+        1.0,
+        &PrefixHashes::from_block_chain(&chain[..8], 16, 128),
+    );
+    // B's index learns it: the whole prompt is held by r1.
+    until("B's index knows r1 holds the prompt", || {
+        let m = index_b.lookup(&prompt);
+        prompt.tokens_at(m.checkpoints(index_b.slot(&r1))) == 4096
+    })
+    .await;
+    assert_eq!(
+        share_b.stats().received(),
+        1,
+        "only the record for a replica B has"
+    );
+    assert!(index_b
+        .slot(&ReplicaId::new("elsewhere").unwrap())
+        .is_none());
+    // A placement B learned is not sent again, and A never hears its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(share_a.stats().received(), 0);
+    assert_eq!(share_b.stats().sent(), 0);
+}

@@ -15,9 +15,19 @@
 //! view's time to live; when Redis is down the figures age past
 //! [`TtftModel::shared_max_age`](crate::load::TtftModel::shared_max_age) and each gateway falls
 //! back to its own counts plus the engines' load reports.
+//!
+//! [`PrefixShare`] does the same for the prefix index keyless placement reads: each gateway's
+//! placements (which prompt prefixes went to which replica) go to one Redis stream each period
+//! and are recorded in every other gateway's index, so a keyless request finds its cache from
+//! any gateway.
 
+mod prefix_share;
 mod work_view;
 
+pub use self::prefix_share::{
+    PrefixShare, PrefixShareConfig, PrefixShareStats, PREFIX_SHARE_ERRORS_COUNTER,
+    PREFIX_SHARE_RECEIVED_COUNTER, PREFIX_SHARE_SENT_COUNTER,
+};
 pub use self::work_view::{
     WorkView, WorkViewConfig, WorkViewStats, WORK_VIEW_AGE_GAUGE, WORK_VIEW_ERRORS_COUNTER,
     WORK_VIEW_GATEWAYS_GAUGE,

@@ -347,7 +347,7 @@ fn decode(entries: &[Vec<u8>]) -> Read {
 }
 
 /// Percent-escapes `%`, space, `|` and line breaks, the separators of an entry.
-fn escape_into(id: &str, out: &mut String) {
+pub(super) fn escape_into(id: &str, out: &mut String) {
     for c in id.chars() {
         match c {
             '%' | ' ' | '|' | '\n' | '\r' => out.push_str(&format!("%{:02X}", c as u32)),
@@ -356,7 +356,7 @@ fn escape_into(id: &str, out: &mut String) {
     }
 }
 
-fn unescape(s: &str) -> Option<String> {
+pub(super) fn unescape(s: &str) -> Option<String> {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {

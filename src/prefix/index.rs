@@ -163,6 +163,26 @@ pub struct PrefixIndex {
     config: PrefixIndexConfig,
     inner: Mutex<Inner>,
     slots: ArcSwap<Slots>,
+    /// Records queued for other gateways ([`PrefixIndex::sharing`]).
+    shared: Option<Mutex<Outbox>>,
+}
+
+/// One placement as another gateway's index receives it.
+#[derive(Debug, Clone)]
+pub struct SharedRecord {
+    /// The replica the prompt went to.
+    pub replica: ReplicaId,
+    /// Its capacity weight.
+    pub weight: f64,
+    /// The prompt's fingerprints.
+    pub hashes: PrefixHashes,
+}
+
+/// Records waiting for the next share round, bounded: past `cap`, the oldest are dropped.
+#[derive(Debug)]
+struct Outbox {
+    records: VecDeque<SharedRecord>,
+    cap: usize,
 }
 
 impl Default for PrefixIndex {
@@ -178,7 +198,32 @@ impl PrefixIndex {
             config,
             inner: Mutex::new(Inner::default()),
             slots: ArcSwap::from_pointee(Slots::default()),
+            shared: None,
         }
+    }
+
+    /// Also queues every placement [`record`](Self::record)ed, at most `cap` between two
+    /// [`take_shared`](Self::take_shared) calls (the oldest go first), for a share with other
+    /// gateways ([`cluster::PrefixShare`](crate::cluster)).
+    pub fn sharing(mut self, cap: usize) -> Self {
+        self.shared = Some(Mutex::new(Outbox {
+            records: VecDeque::new(),
+            cap: cap.max(1),
+        }));
+        self
+    }
+
+    /// The placements queued since the last call (empty unless [`sharing`](Self::sharing)).
+    pub fn take_shared(&self) -> Vec<SharedRecord> {
+        self.shared
+            .as_ref()
+            .map(|o| o.lock().records.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records a placement another gateway made (not queued for sharing again).
+    pub fn record_shared(&self, replica: &ReplicaId, weight: f64, hashes: &PrefixHashes) {
+        self.record_local(replica, weight, hashes);
     }
 
     /// The settings.
@@ -261,6 +306,24 @@ impl PrefixIndex {
 
     /// Records that `replica` (of capacity weight `weight`) was sent the prompt `hashes`.
     pub fn record(&self, replica: &ReplicaId, weight: f64, hashes: &PrefixHashes) {
+        if hashes.is_empty() {
+            return;
+        }
+        if let Some(outbox) = &self.shared {
+            let mut o = outbox.lock();
+            if o.records.len() >= o.cap {
+                o.records.pop_front();
+            }
+            o.records.push_back(SharedRecord {
+                replica: replica.clone(),
+                weight,
+                hashes: hashes.clone(),
+            });
+        }
+        self.record_local(replica, weight, hashes);
+    }
+
+    fn record_local(&self, replica: &ReplicaId, weight: f64, hashes: &PrefixHashes) {
         if hashes.is_empty() {
             return;
         }

@@ -25,4 +25,6 @@ pub use self::hasher::{
     checkpoint_blocks, checkpoints_within, PrefixHasher, PrefixHashes, CHECKPOINTS_PER_OCTAVE,
     DEFAULT_BLOCK_BYTES, DEFAULT_BYTES_PER_TOKEN, DEFAULT_MAX_BYTES, MAX_CHECKPOINTS,
 };
-pub use self::index::{PrefixIndex, PrefixIndexConfig, PrefixMatch, MAX_TRACKED_REPLICAS};
+pub use self::index::{
+    PrefixIndex, PrefixIndexConfig, PrefixMatch, SharedRecord, MAX_TRACKED_REPLICAS,
+};

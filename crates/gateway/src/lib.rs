@@ -217,7 +217,7 @@ impl Gateway {
         pool: Pool<Upstream>,
         render: Option<MetricsRender>,
     ) -> Result<Gateway, GatewayError> {
-        let tiers = vec![tiers::Tier { model: None, pool }];
+        let tiers = vec![tiers::Tier::new(cfg, None, pool)];
         Self::serve_tiers(listener, cfg, tiers, render).await
     }
 

@@ -22,7 +22,6 @@ use replica_router::dispatch::Dispatch;
 use replica_router::error::{json_escape_into, openai_error_json, RouteError};
 use replica_router::fit::{ContextFit, ContextFitLayer};
 use replica_router::inflight::TrackedBody;
-use replica_router::pool::Pool;
 use replica_router::replica::ReplicaId;
 use replica_router::rng::RngSeed;
 use replica_router::select::{ByModel, ModelName, Select};
@@ -43,7 +42,6 @@ use replica_router::health::{
 };
 use replica_router::load::Placement;
 use replica_router::pins::PinTable;
-use replica_router::prefix::PrefixIndex;
 use replica_router::quota::TokenReport;
 use replica_router::quota::{Quota, QuotaConfig, QuotaLayer, TenantLimits};
 use replica_router::shed::{Shed, ShedLayer};
@@ -145,12 +143,23 @@ pub(crate) struct StoreLayers {
     pub(crate) auth: Option<ApiKeys>,
 }
 
-/// The shared work view's handle (nothing without the `redis` feature).
+/// The shared views' handles (nothing without the `redis` feature).
 mod replica_router_work_view {
     #[cfg(feature = "redis")]
-    pub(crate) type Handle = replica_router::cluster::WorkView;
+    pub(crate) type Handle = super::WorkViewHandle;
     #[cfg(not(feature = "redis"))]
     pub(crate) type Handle = ();
+}
+
+/// A task sharing one pool's state with the other gateways, kept for as long as the gateway
+/// serves (dropping it stops the task).
+#[cfg(feature = "redis")]
+#[allow(dead_code)] // held for its drop
+pub(crate) enum WorkViewHandle {
+    /// Outstanding work per replica.
+    Work(replica_router::cluster::WorkView),
+    /// Placements of the prefix index.
+    Prefixes(replica_router::cluster::PrefixShare),
 }
 
 /// The session key standing in for a missing one: the conversation digest, marked so that it
@@ -199,23 +208,35 @@ pub(crate) async fn store_layers(
                 .map_err(|e| bad_flag("--counter-store", e))?;
             let pins: Arc<dyn PinTable> =
                 Arc::new(replica_router::pins::RedisPinTable::new(&store));
-            let work_views = match cfg.work_view_period {
-                Some(period) => tiers
-                    .iter()
-                    .map(|t| {
+            let mut work_views = Vec::new();
+            if let Some(period) = cfg.work_view_period {
+                for t in tiers {
+                    let name = t.model.clone().unwrap_or_else(|| "default".to_owned());
+                    work_views.push(WorkViewHandle::Work(
                         replica_router::cluster::WorkView::spawn(
                             &store,
                             t.pool.clone(),
                             replica_router::cluster::WorkViewConfig {
                                 period,
-                                name: t.model.clone().unwrap_or_else(|| "default".to_owned()),
+                                name: name.clone(),
                                 ..Default::default()
                             },
-                        )
-                    })
-                    .collect(),
-                None => Vec::new(),
-            };
+                        ),
+                    ));
+                    work_views.push(WorkViewHandle::Prefixes(
+                        replica_router::cluster::PrefixShare::spawn(
+                            &store,
+                            t.pool.clone(),
+                            t.index.clone(),
+                            replica_router::cluster::PrefixShareConfig {
+                                period,
+                                name,
+                                ..Default::default()
+                            },
+                        ),
+                    ));
+                }
+            }
             Ok(StoreLayers {
                 quota: config.map(|c| QuotaLayer::new(store, c)),
                 pins: Some(pins),
@@ -257,16 +278,13 @@ pub(crate) fn build_stack(
     let extractor = extractor(cfg);
     let routed = match tiers {
         [(t, outliers)] if t.model.is_none() => {
-            Either::Right(pool_stack(cfg, &t.pool, layers.pins.clone(), outliers)?)
+            Either::Right(pool_stack(cfg, t, layers.pins.clone(), outliers)?)
         }
         _ => {
             let mut select = Select::builder(ByModel::new());
             for (t, outliers) in tiers {
                 let name = t.model.clone().unwrap_or_else(|| ANY_MODEL.to_owned());
-                select = select.route(
-                    name,
-                    pool_stack(cfg, &t.pool, layers.pins.clone(), outliers)?,
-                );
+                select = select.route(name, pool_stack(cfg, t, layers.pins.clone(), outliers)?);
             }
             // A request that names no model (a GET, a body without `model`) goes to the first.
             if let Some((t, _)) = tiers.first() {
@@ -290,15 +308,16 @@ pub(crate) fn build_stack(
 /// dispatch.
 fn pool_stack(
     cfg: &GatewayConfig,
-    pool: &Pool<Upstream>,
+    tier: &Tier,
     pins: Option<Arc<dyn PinTable>>,
     outliers: &OutlierDetector<Upstream>,
 ) -> Result<Admission, GatewayError> {
+    let pool = &tier.pool;
     let dispatch = Dispatch::new(pool.clone());
     // One prefix index shared by both picking layers: what was sent where, keyed or not.
     let (placement, measure) = match cfg.placement {
         PlacementMode::PredictedTtft => (
-            Placement::predicted_ttft(Arc::new(PrefixIndex::default())),
+            Placement::predicted_ttft(tier.index.clone()),
             LoadMeasure::InFlightTokens,
         ),
         PlacementMode::Requests => (Placement::Load, LoadMeasure::InFlightRequests),

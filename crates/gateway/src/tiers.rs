@@ -2,6 +2,7 @@
 //! each replica's context limit, declared (`max_context=N`) or read from its `GET /v1/models`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,9 +12,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use replica_router::pool::Pool;
+use replica_router::prefix::PrefixIndex;
 use replica_router::replica::ReplicaSpec;
 
-use super::config::{ConfigError, GatewayConfig, ReplicaArg};
+use super::config::{ConfigError, CounterStoreSpec, GatewayConfig, ReplicaArg};
 use super::upstream::Upstream;
 use super::GatewayError;
 
@@ -31,6 +33,31 @@ pub(crate) struct Tier {
     /// The model its replicas serve; `None` for the one pool of a gateway without `model=`.
     pub(crate) model: Option<String>,
     pub(crate) pool: Pool<Upstream>,
+    /// What was sent where (keyed or not), for placement by predicted TTFT.
+    pub(crate) index: Arc<PrefixIndex>,
+}
+
+/// Placements queued between two share rounds, at most (the oldest are dropped beyond).
+const SHARED_RECORDS_CAP: usize = 4096;
+
+impl Tier {
+    /// A pool serving `model`, with its prefix index (queueing its placements for the other
+    /// gateways when `cfg` shares through Redis).
+    pub(crate) fn new(cfg: &GatewayConfig, model: Option<String>, pool: Pool<Upstream>) -> Tier {
+        let shares = matches!(cfg.counter_store, CounterStoreSpec::Redis(_))
+            && cfg.work_view_period.is_some();
+        let index = PrefixIndex::default();
+        let index = if shares {
+            index.sharing(SHARED_RECORDS_CAP)
+        } else {
+            index
+        };
+        Tier {
+            model,
+            pool,
+            index: Arc::new(index),
+        }
+    }
 }
 
 /// The replicas of one model (`None`: no replica names its model).
@@ -103,10 +130,8 @@ pub(crate) fn build_tiers(cfg: &GatewayConfig) -> Result<Vec<Tier>, GatewayError
     groups
         .into_iter()
         .map(|(model, replicas)| {
-            Ok(Tier {
-                pool: build_tier_pool(cfg, model.as_deref(), &replicas)?,
-                model,
-            })
+            let pool = build_tier_pool(cfg, model.as_deref(), &replicas)?;
+            Ok(Tier::new(cfg, model, pool))
         })
         .collect()
 }
