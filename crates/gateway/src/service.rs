@@ -749,13 +749,10 @@ fn models(shared: &Shared) -> Response<GatewayBody> {
             })
         })
         .collect();
-    let body = serde_json::json!({"object": "list", "data": data}).to_string();
-    let mut r = Response::new(GatewayBody::local(body));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    super::admin::json_response(
+        StatusCode::OK,
+        &serde_json::json!({"object": "list", "data": data}),
+    )
 }
 
 /// A per-replica gauge: name, help text, and how to read it from the replica's state.
