@@ -107,6 +107,9 @@ pub struct InFlightGuard {
     ahead: u64,
     /// Whether the first data frame arrived (the work moved from prefill to decode).
     decoding: bool,
+    /// Whether the time to first data measures the prefill (a streamed response); a whole
+    /// response sent at once measures the decode too, and must not feed the rate fit.
+    measures_prefill: bool,
     /// Told when the request finishes (set by dispatch once the guard is counted).
     pub(crate) observers: Option<CompletionObservers>,
 }
@@ -145,6 +148,7 @@ impl InFlightGuard {
             plan,
             ahead,
             decoding: false,
+            measures_prefill: true,
             observers: None,
         })
     }
@@ -188,10 +192,19 @@ impl InFlightGuard {
         self.decoding = true;
         let work = self.state.work();
         work.first_data(&self.plan);
-        work.observe_prefill(
-            self.ahead.saturating_add(self.plan.prefill_tokens),
-            self.started.elapsed(),
-        );
+        if self.measures_prefill {
+            work.observe_prefill(
+                self.ahead.saturating_add(self.plan.prefill_tokens),
+                self.started.elapsed(),
+            );
+        }
+    }
+
+    /// Says the response is not streamed (its first data arrives with the whole answer), so
+    /// its time to first data says nothing about the prefill and is kept out of the replica's
+    /// rate fit. The work still moves from prefill to decode at the first data.
+    pub fn not_streamed(&mut self) {
+        self.measures_prefill = false;
     }
 
     /// The work plan counted for this request.

@@ -96,6 +96,9 @@ where
     fn track(self, mut guard: InFlightGuard, extensions: http::Extensions) -> Self::Tracked {
         let (mut parts, body) = self.into_parts();
         parts.extensions.extend(extensions);
+        if !is_event_stream(&parts.headers) {
+            guard.not_streamed();
+        }
         let body = if body.is_end_stream() {
             // Nothing left to deliver: the request is complete now.
             guard.finish(crate::inflight::Outcome::Success);
@@ -106,4 +109,17 @@ where
         };
         http::Response::from_parts(parts, body)
     }
+}
+
+/// Whether a response is a server-sent-event stream (`Content-Type: text/event-stream`), whose
+/// first data frame is the first token; any other body arrives when the answer is done.
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
 }

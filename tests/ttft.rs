@@ -285,3 +285,43 @@ async fn the_work_plan_is_counted_until_the_first_data_frame() {
     drop(body);
     assert_eq!((work(), decode()), (0, 0));
 }
+
+#[tokio::test]
+async fn only_streamed_answers_teach_the_prefill_rate() {
+    let pool = scripted_pool(1);
+    let mut svc = Dispatch::new(pool.clone());
+    let send = |script: Script| {
+        let mut req = request(script);
+        req.set_decision(Decision::new(
+            ReplicaId::new("r0").unwrap(),
+            DecisionReason::LeastLoaded,
+        ));
+        req.extensions_mut().insert(WorkPlan {
+            prefill_tokens: 2_000,
+            output_tokens: 10,
+            cached_tokens: 0,
+        });
+        req
+    };
+    let work = || {
+        let snapshot = pool.snapshot();
+        let w = snapshot.replicas()[0].state().work();
+        (w.prefill_tokens(), w.decode_tokens(), w.rate_samples())
+    };
+    // A whole answer sent at once (no event stream): its first data arrives with the last token,
+    // so its time says nothing about the prefill. The work still moves and returns to zero.
+    for _ in 0..5 {
+        let req = send(Script::Slow { delay_ms: 20 });
+        let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(work(), (0, 0, 0));
+    }
+    // A streamed answer teaches it.
+    let req = send(Script::Prefill {
+        overhead_ms: 0,
+        tokens_per_s: 100_000,
+    });
+    let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(work(), (0, 0, 1));
+}

@@ -180,12 +180,12 @@ impl tower::Service<http::Request<()>> for ScriptedBackend {
                 } => {
                     let secs =
                         overhead_ms as f64 / 1e3 + prefill as f64 / tokens_per_s.max(1) as f64;
-                    Ok(http::Response::new(ChunkBody::new(
+                    Ok(event_stream(ChunkBody::new(
                         1,
                         Duration::from_secs_f64(secs),
                     )))
                 }
-                Script::Stream { chunks, delay_ms } => Ok(http::Response::new(ChunkBody::new(
+                Script::Stream { chunks, delay_ms } => Ok(event_stream(ChunkBody::new(
                     chunks,
                     Duration::from_millis(delay_ms),
                 ))),
@@ -203,6 +203,17 @@ impl tower::Service<http::Request<()>> for ScriptedBackend {
             }
         })
     }
+}
+
+/// A streamed response (`Content-Type: text/event-stream`): its first data frame is the first
+/// token, so its time to first data measures the prefill.
+fn event_stream<B>(body: B) -> http::Response<B> {
+    let mut r = http::Response::new(body);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    r
 }
 
 /// A request with a script.
