@@ -165,9 +165,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = match self.project() {
             EdgeFutureProj::Inner(f) => std::task::ready!(f.poll(cx)).map_err(Into::into),
-            EdgeFutureProj::Failed(e) => Err(e.take().unwrap_or_else(|| {
-                RouteError::Internal("edge future polled after completion".into())
-            })),
+            EdgeFutureProj::Failed(e) => {
+                Err(e.take().expect("edge future polled after completion"))
+            }
         };
         Poll::Ready(Ok(match result {
             Ok(mut resp) => {

@@ -41,9 +41,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             RouteFutureProj::Inner(f) => f.poll(cx).map_err(Into::into),
-            RouteFutureProj::Failed(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| {
-                RouteError::InvalidRequest("routing future polled after completion".into())
-            }))),
+            RouteFutureProj::Failed(e) => Poll::Ready(Err(e
+                .take()
+                .expect("routing future polled after completion"))),
         }
     }
 }

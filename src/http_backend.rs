@@ -210,7 +210,8 @@ impl Future for HttpResponseFuture {
             Ok(fut) => Pin::new(fut).poll(cx).map_err(Into::into),
             Err(e) => Poll::Ready(Err(e
                 .take()
-                .map_or_else(|| "polled after completion".into(), Into::into))),
+                .expect("replica future polled after completion")
+                .into())),
         }
     }
 }

@@ -107,9 +107,7 @@ where
     }
 }
 
-fn polled_after_completion() -> RouteError {
-    RouteError::InvalidRequest("affinity future polled after completion".into())
-}
+const POLLED_AFTER_COMPLETION: &str = "affinity future polled after completion";
 
 impl<S, Req, B> Future for AffinityFuture<S, Req, B>
 where
@@ -125,9 +123,7 @@ where
             match state.as_mut().project() {
                 StateProj::Lookup { lookup, waiting } => {
                     let pinned = ready!(Pin::new(lookup).poll(cx));
-                    let Some(mut w) = waiting.take() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
+                    let mut w = waiting.take().expect(POLLED_AFTER_COMPLETION);
                     match w.shared.decide(&w.keyed, pinned) {
                         Ok(routed) => {
                             let write = routed.apply(&mut w.req);
@@ -160,13 +156,15 @@ where
                     if write.is_some() {
                         return Poll::Pending;
                     }
-                    return Poll::Ready(match output.take() {
-                        Some(r) => r.map_err(Into::into),
-                        None => Err(polled_after_completion()),
-                    });
+                    return Poll::Ready(
+                        output
+                            .take()
+                            .expect(POLLED_AFTER_COMPLETION)
+                            .map_err(Into::into),
+                    );
                 }
                 StateProj::Failed(e) => {
-                    return Poll::Ready(Err(e.take().unwrap_or_else(polled_after_completion)))
+                    return Poll::Ready(Err(e.take().expect(POLLED_AFTER_COMPLETION)))
                 }
             }
         }

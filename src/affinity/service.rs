@@ -451,9 +451,7 @@ where
         };
         match self.shared.pins.clone().get_owned(keyed.key.clone()) {
             PinFuture::Ready(pinned) => {
-                let pinned = pinned.unwrap_or_else(|| {
-                    Err(PinError::Store("lookup polled after completion".into()))
-                });
+                let pinned = pinned.expect("a ready pin lookup holds its answer");
                 match self.shared.decide(&keyed, pinned) {
                     Ok(routed) => {
                         let write = routed.apply(&mut req);

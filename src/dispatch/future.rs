@@ -85,9 +85,7 @@ where
             } => {
                 let result = std::task::ready!(call.poll(cx));
                 let (Some(mut guard), Some(extensions)) = (guard.take(), extensions.take()) else {
-                    return Poll::Ready(Err(RouteError::InvalidRequest(
-                        "dispatch future polled after completion".into(),
-                    )));
+                    panic!("dispatch future polled after completion");
                 };
                 match result {
                     Ok(resp) => {
@@ -102,9 +100,9 @@ where
                     }
                 }
             }
-            StateProj::Failed(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| {
-                RouteError::InvalidRequest("dispatch future polled after completion".into())
-            }))),
+            StateProj::Failed(e) => Poll::Ready(Err(e
+                .take()
+                .expect("dispatch future polled after completion"))),
         }
     }
 }

@@ -79,10 +79,9 @@ impl<T> Future for PinFuture<'_, T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Both variants are Unpin (Option<Result<..>> and Pin<Box<..>>).
         match self.get_mut() {
-            PinFuture::Ready(v) => Poll::Ready(
-                v.take()
-                    .unwrap_or_else(|| Err(PinError::Store("polled after completion".into()))),
-            ),
+            PinFuture::Ready(v) => {
+                Poll::Ready(v.take().expect("pin future polled after completion"))
+            }
             PinFuture::Pending(f) => f.as_mut().poll(cx),
         }
     }

@@ -76,10 +76,6 @@ where
     }
 }
 
-fn completed() -> RouteError {
-    RouteError::InvalidRequest("quota future polled after completion".into())
-}
-
 impl<S, Req> Future for QuotaFuture<S, Req>
 where
     S: tower::Service<Req>,
@@ -98,7 +94,7 @@ where
                 } => {
                     let outcome = ready!(admission.as_mut().poll(cx));
                     let (Some(mut inner), Some(mut req)) = (inner.take(), req.take()) else {
-                        return Poll::Ready(Err(completed()));
+                        panic!("quota future polled after completion");
                     };
                     let ticket = match outcome {
                         Err(e) => {
@@ -129,7 +125,9 @@ where
                     return Poll::Ready(result.map_err(Into::into));
                 }
                 StateProj::Failed(e) => {
-                    return Poll::Ready(Err(e.take().unwrap_or_else(completed)))
+                    return Poll::Ready(Err(e
+                        .take()
+                        .expect("quota future polled after completion")))
                 }
             };
             self.as_mut().project().state.set(next);

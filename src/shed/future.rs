@@ -190,11 +190,10 @@ where
         if let Some(err) = this.failed.take() {
             return Poll::Ready(Err(err));
         }
-        let Some(queued) = this.queued.as_mut() else {
-            return Poll::Ready(Err(RouteError::InvalidRequest(
-                "shed future polled after completion".into(),
-            )));
-        };
+        let queued = this
+            .queued
+            .as_mut()
+            .expect("shed future polled after completion");
         match queued.as_mut().poll_wait(cx) {
             Step::Pending => Poll::Pending,
             Step::Shed(e) => {

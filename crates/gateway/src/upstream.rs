@@ -384,7 +384,8 @@ impl std::future::Future for UpstreamFuture {
             Ok(f) => f.as_mut().poll(cx),
             Err(e) => Poll::Ready(Err(e
                 .take()
-                .map_or_else(|| "polled after completion".into(), Into::into))),
+                .expect("upstream future polled after completion")
+                .into())),
         }
     }
 }
