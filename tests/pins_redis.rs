@@ -297,11 +297,13 @@ async fn a_pin_lost_in_redis_is_kept_from_local_knowledge_and_written_back() {
     let mut server = redis_or_skip!();
     let pool = scripted_pool_of(&["a", "b", "c"]);
     // Freshness zero: every turn asks Redis, as happens once a turn comes more than the
-    // near-cache's freshness after the last.
+    // near-cache's freshness after the last. The write-behind queue is off: this is the turn
+    // path's own recovery (what a pin dropped from a full queue gets).
     let table = Arc::new(
         RedisPinTable::new(&store(&server).await)
             .near_cache(1024, Duration::ZERO)
-            .breaker(2, Duration::from_millis(200)),
+            .breaker(2, Duration::from_millis(200))
+            .write_behind(0, Duration::from_secs(1)),
     );
     let layer = AffinityLayer::builder(pool.clone())
         .pin_table(table.clone())
@@ -387,10 +389,13 @@ async fn ring_homes(gw: &mut Gateway) -> Vec<String> {
 #[tokio::test]
 async fn a_lost_move_is_kept_over_the_pin_it_replaced_and_replayed() {
     let mut server = redis_or_skip!();
+    // Write-behind off: the move is replayed by the session's next turn (see
+    // `pins_kept_out_of_redis_by_an_outage_are_written_back_once_it_returns` for the queue).
     let table = Arc::new(
         RedisPinTable::new(&store(&server).await)
             .near_cache(1024, Duration::ZERO)
-            .breaker(2, Duration::from_millis(200)),
+            .breaker(2, Duration::from_millis(200))
+            .write_behind(0, Duration::from_secs(1)),
     );
     let session = RouteKey::from("spilled-conv");
     let ttl = Duration::from_secs(600);
@@ -444,4 +449,90 @@ async fn a_lost_move_is_kept_over_the_pin_it_replaced_and_replayed() {
         .await
         .unwrap();
     assert_eq!(table.get(&session).await.unwrap(), Some(id("c")));
+}
+
+#[tokio::test]
+async fn pins_kept_out_of_redis_by_an_outage_are_written_back_once_it_returns() {
+    let mut server = redis_or_skip!();
+    let table = Arc::new(
+        RedisPinTable::new(&store(&server).await)
+            .near_cache(1024, Duration::ZERO)
+            .breaker(2, Duration::from_millis(200))
+            .write_behind(1024, Duration::from_millis(50)),
+    );
+    let ttl = Duration::from_secs(600);
+    let key = |s: usize| RouteKey::new(format!("behind-{s}").into_bytes());
+    let replica = |s: usize| id(["a", "b", "c"][s % 3]);
+    // One session is confirmed on a before the outage.
+    table
+        .clone()
+        .pin_after_owned(key(0), None, id("a"), ttl)
+        .await
+        .unwrap();
+    server.stop();
+    // During the outage it moves to b (a spill), and twelve new sessions are placed: none of
+    // these writes reaches Redis (they fail open).
+    table
+        .clone()
+        .pin_after_owned(key(0), Some(id("a")), id("b"), ttl)
+        .await
+        .unwrap();
+    for s in 1..=12 {
+        table
+            .clone()
+            .pin_after_owned(key(s), None, replica(s), ttl)
+            .await
+            .unwrap();
+    }
+    assert!(
+        table.write_behind_len() > 0,
+        "the lost writes wait in the queue"
+    );
+    assert_eq!(table.written_behind(), 0);
+    // Redis comes back empty, and no session sends another turn: the queue writes them back.
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.dbsize() < 13 {
+        assert!(
+            Instant::now() < deadline,
+            "pins written back: {} of 13",
+            server.dbsize()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let other = RedisPinTable::new(&store(&server).await).near_cache(0, Duration::ZERO);
+    for s in 1..=12 {
+        assert_eq!(
+            other.get(&key(s)).await.unwrap(),
+            Some(replica(s)),
+            "session {s}"
+        );
+    }
+    assert_eq!(other.get(&key(0)).await.unwrap(), Some(id("b")), "the move");
+    assert_eq!(table.write_behind_len(), 0);
+    assert_eq!(table.written_behind(), 13);
+    // Written back as compare-and-set: a later write-back yields to what another gateway wrote.
+    server.stop();
+    table
+        .clone()
+        .pin_after_owned(key(20), None, id("a"), ttl)
+        .await
+        .unwrap();
+    server.restart();
+    // Another gateway places the session on c as soon as Redis is back (before this table's
+    // probe has even closed its breaker).
+    let pin_key = table.redis_key(&key(20)).unwrap();
+    server.raw(&[b"SET", pin_key.as_bytes(), b"c", b"PX", b"600000"]);
+    // The write-back runs once the breaker's probe finds Redis; it yields to c and adopts it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while table.written_behind() < 14 {
+        assert!(Instant::now() < deadline, "the queued pin is written back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(table.write_behind_len(), 0);
+    assert_eq!(
+        String::from_utf8_lossy(&server.raw(&[b"GET", pin_key.as_bytes()])).trim(),
+        "$1\r\nc"
+    );
+    assert_eq!(table.get(&key(20)).await.unwrap(), Some(id("c")), "adopted");
 }

@@ -1,6 +1,8 @@
 //! Session pins shared through Redis (cargo feature `redis`): a near-cache in front, coalesced
-//! TTL refreshes, compare-and-set writes, and an outage breaker.
+//! TTL refreshes, compare-and-set writes, an outage breaker, and a write-behind queue that puts
+//! back the pins an outage kept out of Redis.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,6 +33,13 @@ pub const DEFAULT_NEAR_CACHE_PINS: usize = 1 << 16;
 pub const DEFAULT_NEAR_CACHE_FRESHNESS: Duration = Duration::from_secs(1);
 /// Default fraction of the TTL below which a session's pin is refreshed in Redis.
 pub const DEFAULT_REFRESH_BELOW: f64 = 0.5;
+/// Default bound of the write-behind queue (pins whose write did not reach Redis).
+pub const DEFAULT_WRITE_BEHIND_PINS: usize = 4096;
+/// Default pause between two passes of the write-behind queue.
+pub const DEFAULT_WRITE_BEHIND_RETRY: Duration = Duration::from_millis(500);
+/// Pins written back per pass of the write-behind queue.
+const WRITE_BEHIND_BATCH: usize = 256;
+
 /// Default consecutive outage failures that open the breaker.
 pub const DEFAULT_BREAKER_THRESHOLD: u32 = 2;
 /// Default time the breaker stays open before a background probe.
@@ -78,6 +87,20 @@ struct Near {
     /// For an unwritten move: the pin it was to replace. Finding that pin still in Redis means
     /// the move was lost, not overruled by another gateway.
     replaced: Option<ReplicaId>,
+    /// The unwritten pin waits in the write-behind queue.
+    queued: bool,
+}
+
+/// Pins whose write did not reach Redis, written back in the background once Redis answers
+/// again (oldest first; the oldest is dropped past the bound, and keeps its local knowledge).
+struct WriteBehind {
+    capacity: usize,
+    retry: Duration,
+    queue: Mutex<VecDeque<KeyDigest>>,
+    /// A background task is draining the queue.
+    running: AtomicBool,
+    /// Pins written back so far.
+    written: AtomicU64,
 }
 
 /// The outage breaker: after `threshold` consecutive outage failures, Redis is skipped for
@@ -97,8 +120,21 @@ struct Local {
     freshness: Duration,
     refresh_below: f64,
     breaker: Breaker,
+    behind: WriteBehind,
     errors: metrics::Counter,
     calls: AtomicU64,
+}
+
+impl WriteBehind {
+    fn new(capacity: usize, retry: Duration) -> Self {
+        WriteBehind {
+            capacity,
+            retry,
+            queue: Mutex::new(VecDeque::new()),
+            running: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Local {
@@ -181,6 +217,7 @@ impl Local {
                 local_expires,
                 unwritten: false,
                 replaced: None,
+                queued: false,
             },
             |n| n.local_expires <= now,
         );
@@ -208,6 +245,10 @@ impl Local {
 /// * An **outage breaker** ([`breaker`](Self::breaker)): after consecutive outage failures
 ///   (default 2), Redis is skipped for a cool-down (default 1 s), calls answer at once from the
 ///   near-cache, and a background `PING` probes it; a success closes the breaker.
+/// * A **write-behind queue** ([`write_behind`](Self::write_behind)): a placement whose write
+///   did not reach Redis is kept locally and written back in the background once Redis answers
+///   again (a restarted, empty Redis gets this gateway's pins back without waiting for their
+///   sessions' next turns).
 /// * Every call is bounded by the store's timeout. On failure (or while the breaker is open)
 ///   the [`FailurePolicy`] applies: [`FailurePolicy::Open`] (default) answers from the
 ///   near-cache (or "no pin" / "done"), so routing falls back to local knowledge and placement
@@ -215,7 +256,8 @@ impl Local {
 ///   [`FailurePolicy::Closed`] returns the [`PinError`] (the affinity layer counts it).
 ///
 /// Register a `metrics` recorder before building the table (the counter handle is taken at
-/// construction). Clones share the connection, the near-cache and the breaker.
+/// construction). Clones share the connection, the near-cache, the breaker and the write-behind
+/// queue.
 ///
 /// A pin naming a replica id that is no longer valid reads as "no pin".
 #[derive(Clone)]
@@ -267,6 +309,7 @@ impl RedisPinTable {
                     open_until: Mutex::new(None),
                     probing: AtomicBool::new(false),
                 },
+                behind: WriteBehind::new(DEFAULT_WRITE_BEHIND_PINS, DEFAULT_WRITE_BEHIND_RETRY),
                 errors: metrics::counter!(PIN_ERRORS),
                 calls: AtomicU64::new(0),
             }),
@@ -291,6 +334,7 @@ impl RedisPinTable {
                     open_until: Mutex::new(None),
                     probing: AtomicBool::new(false),
                 },
+                behind: WriteBehind::new(l.behind.capacity, l.behind.retry),
                 errors: l.errors.clone(),
                 calls: AtomicU64::new(0),
             });
@@ -329,6 +373,29 @@ impl RedisPinTable {
         l.breaker.threshold = threshold.max(1);
         l.breaker.cooldown = cooldown;
         self
+    }
+
+    /// The write-behind queue: a pin whose write did not reach Redis (a timeout, an outage, the
+    /// open breaker) is written again in the background every `retry` (default 500 ms) until
+    /// Redis takes it, so other gateways find it without waiting for the session's next turn
+    /// through this one. At most `capacity` pins wait (default 4096; 0 turns the queue off);
+    /// past it the oldest is dropped from the queue (this gateway still keeps and replays it on
+    /// the session's next turn). A write-back is a compare-and-set, like the write it replaces:
+    /// a first placement yields to a pin another gateway wrote meanwhile, and a move replaces
+    /// only the pin it saw.
+    pub fn write_behind(mut self, capacity: usize, retry: Duration) -> Self {
+        self.local_mut().behind = WriteBehind::new(capacity, retry.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// Pins waiting in the write-behind queue now.
+    pub fn write_behind_len(&self) -> usize {
+        self.local.behind.queue.lock().len()
+    }
+
+    /// Pins the write-behind queue has written back to Redis so far.
+    pub fn written_behind(&self) -> u64 {
+        self.local.behind.written.load(Ordering::Relaxed)
     }
 
     /// Whether the breaker is open now (Redis is being skipped).
@@ -560,11 +627,108 @@ impl RedisPinTable {
                 .filter(|n| n.unwritten)
                 .and_then(|n| n.replaced)
         });
+        let was_queued = self.local.near(&d).is_some_and(|n| n.unwritten && n.queued);
         self.local.remember(d, replica, now, ttl, false);
+        let behind = &self.local.behind;
+        let queue = behind.capacity > 0 && !was_queued;
         self.local.near.with(&d, |n| {
             n.unwritten = true;
             n.replaced = replaced;
+            n.queued = was_queued || queue;
         });
+        if queue {
+            let dropped = {
+                let mut q = behind.queue.lock();
+                q.push_back(d);
+                if q.len() > behind.capacity {
+                    q.pop_front()
+                } else {
+                    None
+                }
+            };
+            if let Some(old) = dropped {
+                self.local.near.with(&old, |n| n.queued = false);
+            }
+            self.start_write_behind();
+        }
+    }
+
+    /// Starts the background task draining the write-behind queue, unless one runs (or no
+    /// runtime is there to run it: the pins then wait for their sessions' next turn).
+    fn start_write_behind(&self) {
+        let behind = &self.local.behind;
+        if behind.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            behind.running.store(false, Ordering::Release);
+            return;
+        };
+        let table = self.clone();
+        handle.spawn(async move { table.drain_write_behind().await });
+    }
+
+    async fn drain_write_behind(self) {
+        let behind = &self.local.behind;
+        loop {
+            tokio::time::sleep(behind.retry).await;
+            // While the breaker is open, wait (without counting an error per pin); the first
+            // pass after the cool-down starts the probe.
+            if !self.local.admit() {
+                continue;
+            }
+            let batch: Vec<KeyDigest> = {
+                let mut q = behind.queue.lock();
+                let n = q.len().min(WRITE_BEHIND_BATCH);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                behind.running.store(false, Ordering::Release);
+                // A pin queued between the last look and the flag: take it on.
+                if behind.queue.lock().is_empty() || behind.running.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                continue;
+            }
+            let mut rest = batch.into_iter();
+            for d in rest.by_ref() {
+                self.write_back(d).await;
+                if self.breaker_open() {
+                    break;
+                }
+            }
+            // Redis went away again mid-pass: the rest go back to the front, in order.
+            let rest: Vec<KeyDigest> = rest.collect();
+            if !rest.is_empty() {
+                let mut q = behind.queue.lock();
+                for d in rest.into_iter().rev() {
+                    q.push_front(d);
+                }
+            }
+        }
+    }
+
+    /// Writes one queued pin back, if this gateway still holds it unwritten and alive.
+    async fn write_back(&self, d: KeyDigest) {
+        let now = Instant::now();
+        let Some(n) = self.local.near(&d).filter(|n| n.unwritten && n.queued) else {
+            return;
+        };
+        self.local.near.with(&d, |n| n.queued = false);
+        if n.local_expires <= now {
+            return;
+        }
+        let ttl = n.local_expires.saturating_duration_since(now);
+        let mode = match n.replaced {
+            Some(seen) => (Mode::Move, Some(seen)),
+            None => (Mode::Place, None),
+        };
+        // A failure queues it again (`remember_unwritten`).
+        if self.write(d, n.replica, ttl, Some(mode)).await.is_ok()
+            && self.local.near(&d).is_some_and(|n| !n.unwritten)
+        {
+            self.local.behind.written.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The pin an unwritten move of `d` to `replica` was to replace, if there is one.
