@@ -251,6 +251,32 @@ impl<B> Shared<B> {
         })
     }
 
+    /// The load bound of one decision over `view` (an error when no replica can take work).
+    pub(crate) fn bound(
+        &self,
+        snap: &PoolSnapshot<B>,
+        view: &SnapshotView<'_, B>,
+        keyed: &Keyed,
+    ) -> Result<Bound, RouteError> {
+        Bound::over(view, snap.len(), self.settings.factor, keyed.cost)
+            .ok_or_else(|| no_replica(snap))
+    }
+
+    /// The pin lookup's answer: whether the pin table answered (a failed lookup is counted,
+    /// and its session's placement is not written back), and the pin.
+    pub(crate) fn read_pin(
+        &self,
+        pinned: Result<Option<ReplicaId>, PinError>,
+    ) -> (bool, Option<ReplicaId>) {
+        match pinned {
+            Ok(p) => (true, p),
+            Err(_) => {
+                self.metrics.pin_errors.increment(1);
+                (false, None)
+            }
+        }
+    }
+
     /// Decides where a keyed request goes, given what the pin table said, and starts the pin
     /// write.
     ///
@@ -271,17 +297,8 @@ impl<B> Shared<B> {
         let snapshot = self.pool.load();
         let snap: &PoolSnapshot<B> = &snapshot;
         let view = SnapshotView::new(snap, self.settings.measure);
-        let Some(bound) = Bound::over(&view, snap.len(), self.settings.factor, keyed.cost) else {
-            return Err(no_replica(snap));
-        };
-        let store_up = match &pinned {
-            Ok(_) => true,
-            Err(_) => {
-                self.metrics.pin_errors.increment(1);
-                false
-            }
-        };
-        let pinned = pinned.ok().flatten();
+        let bound = self.bound(snap, &view, keyed)?;
+        let (store_up, pinned) = self.read_pin(pinned);
         let seen = pinned.clone();
         let (index, reason) = match pinned.as_ref().map(|id| snap.get(id.as_str())) {
             Some(Some((i, r))) if r.state().is_eligible() => {

@@ -106,17 +106,8 @@ impl<B> Shared<B> {
         let snapshot = self.pool.load();
         let snap: &PoolSnapshot<B> = &snapshot;
         let view = SnapshotView::new(snap, self.settings.measure);
-        let Some(bound) = Bound::over(&view, snap.len(), self.settings.factor, keyed.cost) else {
-            return Err(no_replica(snap));
-        };
-        let store_up = match &pinned {
-            Ok(_) => true,
-            Err(_) => {
-                self.metrics.pin_errors.increment(1);
-                false
-            }
-        };
-        let pinned = pinned.ok().flatten();
+        let bound = self.bound(snap, &view, keyed)?;
+        let (store_up, pinned) = self.read_pin(pinned);
         let seen = pinned.clone();
         let req = tp.request_parts(keyed.prefix.as_ref(), keyed.estimated_tokens);
         let version = snap.version();

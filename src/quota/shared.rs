@@ -14,8 +14,8 @@ use crate::context::RouteKey;
 use crate::error::RouteError;
 use crate::inflight::{Completion, CompletionObserver};
 use crate::store::{
-    call_store, BoundedMap, CounterStore, FailurePolicy, KeyDigest, LeaseId, RateQuota, StoreError,
-    StoreKey, Take, WindowId,
+    call_store, Acquire, BoundedMap, CounterStore, FailurePolicy, KeyDigest, LeaseId, RateQuota,
+    StoreError, StoreKey, Take, WindowId,
 };
 
 pub(crate) const SCOPE_REQUESTS: &str = "quota.req";
@@ -177,90 +177,24 @@ impl Shared {
             // Unreachable for valid scopes; treat as a store failure rather than panic.
             Err(e) => return self.policy_outcome(&r, Some(&e)),
         };
-        let store = &*self.store;
         let reserved = r
             .limits
             .tokens
             .map(|q| estimated_tokens.min(q.limit()))
             .unwrap_or(0);
-        let req_f = async {
-            match (&keys.requests, r.limits.requests) {
-                (Some(k), Some(q)) => Some(self.call("take", store.take(k, q, 1)).await),
-                _ => None,
-            }
-        };
-        let tok_f = async {
-            match (&keys.tokens, r.limits.tokens) {
-                (Some(k), Some(q)) => Some(self.call("take", store.take(k, q, reserved)).await),
-                _ => None,
-            }
-        };
-        let conc_f = async {
-            match (&keys.concurrency, r.limits.concurrency) {
-                (Some(k), Some(limit)) => Some(
-                    self.call("acquire", store.acquire(k, limit, self.config.lease_ttl))
-                        .await,
-                ),
-                _ => None,
-            }
-        };
-        let (req_r, tok_r, conc_r) = futures_util::future::join3(req_f, tok_f, conc_f).await;
-
-        // What was taken, to undo on rejection or hand to the ticket on admission.
-        let mut held = Held::default();
-        let mut error: Option<StoreError> = None;
-        let mut denied: Option<(&'static str, Duration)> = None;
-        let mut cache_for: Option<Duration> = None;
-        let mut note = |dim: &'static str, retry: Duration| {
-            metrics::counter!("replica_router_quota_rejections_total",
-                "class" => r.class, "dimension" => dim)
-            .increment(1);
-            if denied.is_none_or(|(_, d)| d < retry) {
-                denied = Some((dim, retry));
-            }
-        };
-        match req_r {
-            Some(Ok(t)) if t.admitted => held.requests = Some((t.window, 1)),
-            Some(Ok(t)) => {
-                note("requests", t.retry_after);
-                if t.remaining == 0 {
-                    cache_for = Some(t.retry_after);
-                }
-            }
-            Some(Err(e)) => error = Some(e),
-            None => {}
-        }
-        match tok_r {
-            Some(Ok(Take {
-                admitted: true,
-                window,
-                ..
-            })) => held.tokens = Some((window, reserved)),
-            Some(Ok(t)) => {
-                note("tokens", t.retry_after);
-                if t.remaining == 0 {
-                    cache_for = Some(cache_for.map_or(t.retry_after, |c| c.max(t.retry_after)));
-                }
-            }
-            Some(Err(e)) => error = error.or(Some(e)),
-            None => {}
-        }
-        match conc_r {
-            Some(Ok(a)) => match a.lease {
-                Some(lease) => held.lease = Some(lease),
-                None => note("concurrency", self.config.concurrency_retry_after),
-            },
-            Some(Err(e)) => error = error.or(Some(e)),
-            None => {}
-        }
-
-        let outage = error.as_ref().is_some_and(StoreError::is_outage);
-        if outage {
+        let taken = self.take_all(&r, &keys, reserved).await;
+        let tally = Tally::of(taken, &r, reserved, self.config.concurrency_retry_after);
+        if tally.error.as_ref().is_some_and(StoreError::is_outage) {
             self.note_outage();
         } else {
             self.note_healthy();
         }
-
+        let Tally {
+            held,
+            error,
+            denied,
+            cache_for,
+        } = tally;
         if let Some((_, retry_after)) = denied {
             self.clone().undo(&r.limits, keys, held);
             if let Some(d) = cache_for {
@@ -289,7 +223,45 @@ impl Shared {
         if held.is_empty() {
             return Ok(Admission::Admitted(None));
         }
-        Ok(Admission::Admitted(Some(Arc::new(Ticket {
+        Ok(Admission::Admitted(Some(self.ticket(&r, keys, held))))
+    }
+
+    /// Takes one request, `reserved` tokens and a concurrency lease (each dimension the tenant
+    /// has a limit for), all at once.
+    async fn take_all(&self, r: &Resolved, keys: &Keys, reserved: u64) -> Taken {
+        let store = &*self.store;
+        let req_f = async {
+            match (&keys.requests, r.limits.requests) {
+                (Some(k), Some(q)) => Some(self.call("take", store.take(k, q, 1)).await),
+                _ => None,
+            }
+        };
+        let tok_f = async {
+            match (&keys.tokens, r.limits.tokens) {
+                (Some(k), Some(q)) => Some(self.call("take", store.take(k, q, reserved)).await),
+                _ => None,
+            }
+        };
+        let conc_f = async {
+            match (&keys.concurrency, r.limits.concurrency) {
+                (Some(k), Some(limit)) => Some(
+                    self.call("acquire", store.acquire(k, limit, self.config.lease_ttl))
+                        .await,
+                ),
+                _ => None,
+            }
+        };
+        let (requests, tokens, lease) = futures_util::future::join3(req_f, tok_f, conc_f).await;
+        Taken {
+            requests,
+            tokens,
+            lease,
+        }
+    }
+
+    /// The ticket of an admitted request holding `held`.
+    fn ticket(self: &Arc<Self>, r: &Resolved, keys: Keys, held: Held) -> Arc<Ticket> {
+        Arc::new(Ticket {
             shared: self.clone(),
             handle: tokio::runtime::Handle::try_current().ok(),
             tokens: match (held.tokens, keys.tokens, r.limits.tokens) {
@@ -303,7 +275,7 @@ impl Shared {
             report: TokenReport::default(),
             done: AtomicBool::new(false),
             failed_early: AtomicBool::new(false),
-        }))))
+        })
     }
 
     /// Gives back what a rejected request took, in the background (the 429 does not wait).
@@ -331,6 +303,80 @@ impl Shared {
                 let _ = self.call("release", store.release(k, l)).await;
             }
         });
+    }
+}
+
+/// What the store answered for each dimension (`None`: no limit on it).
+struct Taken {
+    requests: Option<Result<Take, StoreError>>,
+    tokens: Option<Result<Take, StoreError>>,
+    lease: Option<Result<Acquire, StoreError>>,
+}
+
+/// The store's answers read together: what was taken, the first error, the longest denial.
+struct Tally {
+    /// What was taken, to undo on rejection or hand to the ticket on admission.
+    held: Held,
+    error: Option<StoreError>,
+    /// The dimension that denied the request with the longest retry-after.
+    denied: Option<(&'static str, Duration)>,
+    /// How long the tenant is known to be over limit (a window used up).
+    cache_for: Option<Duration>,
+}
+
+impl Tally {
+    fn of(taken: Taken, r: &Resolved, reserved: u64, concurrency_retry: Duration) -> Self {
+        let mut t = Tally {
+            held: Held::default(),
+            error: None,
+            denied: None,
+            cache_for: None,
+        };
+        match taken.requests {
+            Some(Ok(take)) if take.admitted => t.held.requests = Some((take.window, 1)),
+            Some(Ok(take)) => t.deny(r, "requests", &take),
+            Some(Err(e)) => t.fail(e),
+            None => {}
+        }
+        match taken.tokens {
+            Some(Ok(take)) if take.admitted => t.held.tokens = Some((take.window, reserved)),
+            Some(Ok(take)) => t.deny(r, "tokens", &take),
+            Some(Err(e)) => t.fail(e),
+            None => {}
+        }
+        match taken.lease {
+            Some(Ok(a)) => match a.lease {
+                Some(lease) => t.held.lease = Some(lease),
+                None => t.note(r, "concurrency", concurrency_retry),
+            },
+            Some(Err(e)) => t.fail(e),
+            None => {}
+        }
+        t
+    }
+
+    fn fail(&mut self, e: StoreError) {
+        self.error.get_or_insert(e);
+    }
+
+    /// A rate dimension denied the request; a used-up window is remembered until it refills.
+    fn deny(&mut self, r: &Resolved, dim: &'static str, take: &Take) {
+        self.note(r, dim, take.retry_after);
+        if take.remaining == 0 {
+            self.cache_for = Some(
+                self.cache_for
+                    .map_or(take.retry_after, |c| c.max(take.retry_after)),
+            );
+        }
+    }
+
+    fn note(&mut self, r: &Resolved, dim: &'static str, retry: Duration) {
+        metrics::counter!("replica_router_quota_rejections_total",
+            "class" => r.class, "dimension" => dim)
+        .increment(1);
+        if self.denied.is_none_or(|(_, d)| d < retry) {
+            self.denied = Some((dim, retry));
+        }
     }
 }
 

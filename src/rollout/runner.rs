@@ -191,35 +191,8 @@ impl<B: Backend> Rollout<B> {
                 Some((id, result)) = running.next() => {
                     in_progress.retain(|r| r != &id);
                     metrics::gauge!(UNAVAILABLE_GAUGE).set(in_progress.len() as f64);
-                    match result {
-                        Ok(StepOutcome::Done { drain_timed_out }) => {
-                            if drain_timed_out {
-                                report.drain_timeouts.push(id.clone());
-                            }
-                            report.completed.push(id.clone());
-                            metrics::counter!(REPLICAS_COUNTER, "result" => "done").increment(1);
-                            self.sinks.emit(RolloutEvent::ReplicaDone {
-                                replica: id,
-                                done: report.completed.len(),
-                                total,
-                            });
-                        }
-                        Ok(StepOutcome::Gone) => {
-                            metrics::counter!(REPLICAS_COUNTER, "result" => "skipped").increment(1);
-                            report.skipped.push(id.clone());
-                            self.sinks.emit(RolloutEvent::Skipped { replica: id });
-                        }
-                        Err(e) => {
-                            metrics::counter!(REPLICAS_COUNTER, "result" => "failed").increment(1);
-                            report.failed.push(id.clone());
-                            self.sinks.emit(RolloutEvent::ReplicaFailed {
-                                replica: id.clone(),
-                                error: e.to_string(),
-                            });
-                            if first_error.is_none() {
-                                first_error = Some((id, e));
-                            }
-                        }
+                    if let Err(e) = self.record_step(&mut report, id.clone(), result, total) {
+                        first_error.get_or_insert((id, e));
                     }
                 }
                 r = changes.changed(), if can_start_more => {
@@ -233,6 +206,47 @@ impl<B: Backend> Rollout<B> {
 
         report.not_started = queue.into_iter().collect();
         conclude(&self.sinks, report, started, first_error)
+    }
+
+    /// Records one replica's finished step in the report, the metrics and the sinks; a failed
+    /// step's error is handed back.
+    fn record_step(
+        &self,
+        report: &mut RolloutReport,
+        id: ReplicaId,
+        result: Result<StepOutcome, StepError>,
+        total: usize,
+    ) -> Result<(), StepError> {
+        match result {
+            Ok(StepOutcome::Done { drain_timed_out }) => {
+                if drain_timed_out {
+                    report.drain_timeouts.push(id.clone());
+                }
+                report.completed.push(id.clone());
+                metrics::counter!(REPLICAS_COUNTER, "result" => "done").increment(1);
+                self.sinks.emit(RolloutEvent::ReplicaDone {
+                    replica: id,
+                    done: report.completed.len(),
+                    total,
+                });
+                Ok(())
+            }
+            Ok(StepOutcome::Gone) => {
+                metrics::counter!(REPLICAS_COUNTER, "result" => "skipped").increment(1);
+                report.skipped.push(id.clone());
+                self.sinks.emit(RolloutEvent::Skipped { replica: id });
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!(REPLICAS_COUNTER, "result" => "failed").increment(1);
+                report.failed.push(id.clone());
+                self.sinks.emit(RolloutEvent::ReplicaFailed {
+                    replica: id,
+                    error: e.to_string(),
+                });
+                Err(e)
+            }
+        }
     }
 
     /// The targets, checked, with the ones already out of service first (restarting them costs
