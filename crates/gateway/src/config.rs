@@ -331,6 +331,11 @@ pub struct TransportConfig {
     /// On shutdown, requests in progress get this long to finish (`--shutdown-grace-ms`, default
     /// 10 s); then the remaining connections are closed.
     pub shutdown_grace: Duration,
+    /// A write to a client that makes no progress for this long (the client stopped reading)
+    /// closes its connection, ending the response and the replica's stream behind it
+    /// (`--client-write-timeout-ms`, default 30 s; like nginx's `send_timeout`, the limit is
+    /// between two writes, not on the whole response).
+    pub client_write_timeout: Duration,
 }
 
 impl Default for TransportConfig {
@@ -345,6 +350,7 @@ impl Default for TransportConfig {
             upstream_ttfb_timeout: Duration::from_secs(120),
             upstream_idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            client_write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -412,7 +418,7 @@ pub const USAGE: &str = "usage: gateway --replica URL[,weight=W][,model=NAME][,m
   [--max-body-bytes N] [--upstream-idle N] [--threads N]
   [--header-timeout-ms N] [--keepalive-idle-ms N] [--body-timeout-ms N] [--body-idle-timeout-ms N]
   [--max-connections N] [--max-buffered-body-bytes N] [--upstream-ttfb-timeout-ms N]
-  [--upstream-idle-timeout-ms N] [--shutdown-grace-ms N]
+  [--upstream-idle-timeout-ms N] [--shutdown-grace-ms N] [--client-write-timeout-ms N]
   [--tenant-concurrency N] [--store-failure open|closed]
   [--api-keys FILE] [--trust-tenant-header] [--admin on|off|ADDR] [--max-num-seqs N]
 transport limits (0 turns one off): --header-timeout-ms first request head of a connection
@@ -422,7 +428,8 @@ transport limits (0 turns one off): --header-timeout-ms first request head of a 
   from the fd limit; beyond: 503 and close); --max-buffered-body-bytes request bodies held across
   connections (201326592 = 192 MiB, beyond: 503); --upstream-ttfb-timeout-ms replica response head (120000,
   else fail over); --upstream-idle-timeout-ms between replica body pieces (60000);
-  --shutdown-grace-ms requests in progress on shutdown (10000, then connections are closed)";
+  --shutdown-grace-ms requests in progress on shutdown (10000, then connections are closed);
+  --client-write-timeout-ms a response write the client does not read (30000, then close)";
 
 impl GatewayConfig {
     /// Parses command-line flags (without the program name). `--flag value` and `--flag=value`
@@ -558,6 +565,9 @@ impl GatewayConfig {
                     cfg.transport.upstream_idle_timeout = ms(flag, &value()?)?
                 }
                 "--shutdown-grace-ms" => cfg.transport.shutdown_grace = ms(flag, &value()?)?,
+                "--client-write-timeout-ms" => {
+                    cfg.transport.client_write_timeout = ms(flag, &value()?)?
+                }
                 "--tenant-concurrency" => {
                     let v = value()?;
                     let n: u64 = number(flag, &v)?;
@@ -704,6 +714,7 @@ mod tests {
             "--upstream-ttfb-timeout-ms=7",
             "--upstream-idle-timeout-ms=8",
             "--shutdown-grace-ms=9",
+            "--client-write-timeout-ms=10",
         ])
         .unwrap();
         let t = &cfg.transport;
@@ -726,6 +737,7 @@ mod tests {
             ),
             (d(7), d(8), d(9))
         );
+        assert_eq!(t.client_write_timeout, d(10));
         let def = TransportConfig::default();
         assert_eq!(def.header_timeout, Duration::from_secs(10));
         assert!(def.max_connections >= 16 && def.max_connections <= 10_000);

@@ -80,8 +80,10 @@
 //!   across them (192 MiB, beyond: 503; large bodies may use seven eighths of it); a replica must
 //!   send its response head within `--upstream-ttfb-timeout-ms` (120 s, else the attempt fails
 //!   over) and pause its body no longer than `--upstream-idle-timeout-ms` (60 s, else the stream
-//!   ends with an error); shutdown waits `--shutdown-grace-ms` (10 s) for requests in progress,
-//!   then closes what is left.
+//!   ends with an error); a response write the client leaves unread for
+//!   `--client-write-timeout-ms` (30 s) closes the connection and ends the replica's stream;
+//!   shutdown waits `--shutdown-grace-ms` (10 s) for requests in progress, then closes what is
+//!   left.
 //!
 //! `examples/gateway.rs` is the command-line front end ([`GatewayConfig::from_args`] parses the
 //! flags). Tests start the gateway in-process on port 0:
@@ -105,6 +107,7 @@ mod inspect;
 mod limits;
 mod service;
 mod settle;
+mod stall;
 mod tiers;
 mod upstream;
 
@@ -479,6 +482,7 @@ struct ServeCtl {
     keepalive_idle: Option<Duration>,
     grace: Option<Duration>,
     conns: Option<Arc<Semaphore>>,
+    write_timeout: Duration,
 }
 
 impl ServeCtl {
@@ -489,6 +493,7 @@ impl ServeCtl {
             keepalive_idle: nz(t.keepalive_idle),
             grace: nz(t.shutdown_grace),
             conns: (t.max_connections > 0).then(|| Arc::new(Semaphore::new(t.max_connections))),
+            write_timeout: t.client_write_timeout,
         }
     }
 
@@ -562,9 +567,10 @@ impl Conns {
             let conn_state = conn_state.clone();
             async move { Ok::<_, Infallible>(service::handle(conn_state, req).await) }
         });
-        let conn = self
-            .graceful
-            .watch(self.http.serve_connection(TokioIo::new(stream), svc));
+        let conn = self.graceful.watch(self.http.serve_connection(
+            TokioIo::new(stall::WriteTimeout::new(stream, self.ctl.write_timeout)),
+            svc,
+        ));
         let mut kill = self.kill.1.clone();
         let first_head = self.ctl.header_timeout;
         tokio::spawn(async move {

@@ -75,6 +75,16 @@ async fn status_of(addr: SocketAddr, method: &str, path: &str, body: &str) -> u1
     parse_status(&text)
 }
 
+/// Requests in flight on all of `gw`'s replicas.
+fn total_in_flight(gw: &Gateway) -> u64 {
+    gw.pool()
+        .snapshot()
+        .replicas()
+        .iter()
+        .map(|r| r.state().in_flight())
+        .sum()
+}
+
 fn parse_status(text: &str) -> u16 {
     text.split_whitespace()
         .nth(1)
@@ -488,14 +498,7 @@ async fn a_stream_that_stops_moving_is_ended_by_the_idle_timeout() {
     assert!(closed, "the stalled stream was never ended");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // The request is no longer in flight.
-    let in_flight: u64 = gw
-        .pool()
-        .snapshot()
-        .replicas()
-        .iter()
-        .map(|r| r.state().in_flight())
-        .sum();
-    assert_eq!(in_flight, 0);
+    assert_eq!(total_in_flight(&gw), 0);
     gw.shutdown().await;
     task.abort();
 }
@@ -611,6 +614,87 @@ async fn request_line_and_header_checks() {
     let body = format!("{{\"input\":\"{}\"}}", "a".repeat(2000));
     assert_eq!(status_of(addr, "POST", "/v1/embeddings", &body).await, 200);
     assert_eq!(status_of(addr, "POST", "/v1/embeddings", "{}").await, 429);
+    gw.shutdown().await;
+    task.abort();
+}
+
+/// A replica that answers every chat request with an endless event stream (64 KiB events, at
+/// most 1 GiB, stopping when the gateway stops taking them).
+async fn flooding_replica() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if buf[..n].starts_with(b"GET") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                let data = format!("data: {}\n\n", "x".repeat(65536 - 8));
+                let chunk = format!("{:x}\r\n{data}\r\n", data.len());
+                for _ in 0..(1 << 14) {
+                    if s.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_by_the_write_timeout() {
+    let (up, task) = flooding_replica().await;
+    let gw = gateway(
+        &[format!("http://{up}")],
+        &["--client-write-timeout-ms", "300"],
+    )
+    .await;
+    // A client with a small receive buffer that reads the response head, then nothing more.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(gw.local_addr()).await.unwrap();
+    let raw = format!("{}{CHAT}", chat_head(CHAT.len()));
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut head = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut head))
+        .await
+        .expect("a response head")
+        .unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    assert_eq!(total_in_flight(&gw), 1, "streaming");
+    // The stream fills every buffer between the replica and the client, the gateway's write
+    // waits, and after the timeout the gateway closes the connection and ends the request.
+    let t = Instant::now();
+    while total_in_flight(&gw) > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the stalled client still holds its request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the client reads now ends (the connection was closed), well short of the 1 GiB.
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => total += n,
+            Err(_) => panic!("the connection was not closed ({total} bytes read)"),
+        }
+    }
+    assert!(total < 256 << 20, "{total} bytes");
+    // The gateway keeps serving.
+    assert_eq!(status_of(gw.local_addr(), "GET", "/health", "").await, 200);
     gw.shutdown().await;
     task.abort();
 }
