@@ -21,8 +21,16 @@
 # crate's gateways then share one redis-server (--counter-store redis://..., so pins and quotas are
 # cluster-wide); the peers have no shared state to give.
 #
+# --redis-outage AT,FOR (with --gateways 2 or more) kills that redis-server AT seconds into each of
+# this crate's replays and starts an empty one on the same port FOR seconds later: every request
+# must still be served, and the gateways must find the new server by themselves. After each such
+# run the gateways' store error counters and the new server's key count are logged (keys > 0: the
+# gateways wrote to it again without a restart).
+#
 # usage: scripts/bench_quality.sh [--runs N] [--replicas N] [--gateways N] [--trace FILE] [--speed X]
 #            [--time-scale X] [--only name,name] [--variants keyed,nosession] [--out FILE]
+#            [--redis-outage AT,FOR] [--gw-flags "FLAG VALUE ..."]
+# --gw-flags adds flags to this crate's gateways (for an ablation, e.g. "--implicit-sessions off").
 # env:   PEERS_VENV (default /work/peers-venv if present, else ~/.cache/replica-router/peers-venv)
 #        NO_INSTALL=1 to never install anything (fail instead); NO_BUILD=1 to use built binaries
 set -euo pipefail
@@ -45,6 +53,8 @@ ONLY=""
 VARIANTS="keyed,nosession"
 OUT=""
 MODEL=mock-llama-3-70b
+OUTAGE=""
+GW_FLAGS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS="$2"; shift 2 ;;
@@ -56,6 +66,8 @@ while [ $# -gt 0 ]; do
         --only) ONLY="$2"; shift 2 ;;
         --variants) VARIANTS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
+        --redis-outage) OUTAGE="$2"; shift 2 ;;
+        --gw-flags) GW_FLAGS="$2"; shift 2 ;;
         -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -65,6 +77,13 @@ case "$REPLICAS" in ''|*[!0-9]*|0) echo "--replicas must be a positive integer" 
 [ "$REPLICAS" -le 64 ] || { echo "--replicas: at most 64" >&2; exit 2; }
 case "$GATEWAYS" in ''|*[!0-9]*|0) echo "--gateways must be a positive integer" >&2; exit 2 ;; esac
 [ "$GATEWAYS" -le 8 ] || { echo "--gateways: at most 8" >&2; exit 2; }
+OUTAGE_AT=""; OUTAGE_FOR=""
+if [ -n "$OUTAGE" ]; then
+    IFS=, read -r OUTAGE_AT OUTAGE_FOR <<<"$OUTAGE"
+    case "$OUTAGE_AT$OUTAGE_FOR" in ''|*[!0-9]*) echo "--redis-outage AT,FOR: whole seconds" >&2; exit 2 ;; esac
+    [ -n "$OUTAGE_FOR" ] || { echo "--redis-outage AT,FOR: whole seconds" >&2; exit 2; }
+    [ "$GATEWAYS" -gt 1 ] || { echo "--redis-outage needs --gateways 2 or more" >&2; exit 2; }
+fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ -n "$TRACE" ] || TRACE="$REPO/tests/fixtures/replay_trace.jsonl"
@@ -101,7 +120,9 @@ fi
 TMP="$(mktemp -d /tmp/bench_quality.XXXXXX)"
 PGIDS=()
 cleanup() {
-    local pg
+    local pg f
+    # Process groups started by background outage controllers (their PGIDS is their own).
+    for f in "$TMP"/*.pgid; do [ -f "$f" ] && PGIDS+=("$(cat "$f")"); done
     for pg in "${PGIDS[@]}"; do kill -TERM -- "-$pg" 2>/dev/null || true; done
     sleep 0.3
     for pg in "${PGIDS[@]}"; do kill -KILL -- "-$pg" 2>/dev/null || true; done
@@ -167,8 +188,10 @@ for v in "${VARS[@]}"; do case "$v" in keyed|nosession) ;; *) log "unknown varia
 # --counter-store value ("memory" or redis://...), ignored by the peers.
 start_router() {
     local name="$1" port="$2" store="$3"; shift 3
-    local u gw_args=(--counter-store "$store")
+    local u gw_args=(--counter-store "$store") extra_flags=()
     for u in "$@"; do gw_args+=(--replica "$u"); done
+    read -r -a extra_flags <<<"$GW_FLAGS"
+    gw_args+=("${extra_flags[@]}")
     local mport; mport="$(free_ports 1)"
     case "$name" in
         gw-affinity) start "$name" "$GW" --listen "127.0.0.1:$port" "${gw_args[@]}" --policy affinity ;;
@@ -194,6 +217,33 @@ RUN_LIMIT=$((SPAN_S + 120))
 NREQ="$(grep -c . "$TRACE")"
 log "trace $TRACE: $NREQ requests over ${SPAN_S} s at --speed $SPEED; $REPLICAS replicas at --time-scale $TIME_SCALE; $GATEWAYS router(s) of each kind"
 log "targets ${TARGETS[*]}; variants ${VARS[*]}; $RUNS round(s): about $(( (SPAN_S + 8) * ${#TARGETS[@]} * ${#VARS[@]} * RUNS / 60 + 1 )) min"
+
+# outage_report REDIS_PORT PGID_FILE GATEWAY_PORT...: after a --redis-outage run, what the
+# gateways counted (store errors on each shared path) and whether they use the new server.
+outage_report() {
+    local rport="$1" restarted="$2" p keys; shift 2
+    [ -f "$restarted" ] || { log "  redis was not restarted (replay ended first)"; return 0; }
+    keys="$(redis-cli -p "$rport" dbsize 2>/dev/null || echo '?')"
+    log "  after the outage: the new redis-server holds $keys keys (written by the gateways since)"
+    for p in "$@"; do
+        curl -s -m 5 "http://127.0.0.1:$p/metrics" | awk -v port="$p" '
+            /^replica_router_(affinity_pin_errors|work_view_errors|prefix_share_errors|store_errors)_total/ { k = $1; sub(/[{].*/, "", k); sub(/^replica_router_/, "", k); e[k] += $NF }
+            /^replica_router_work_view_age_seconds/ { age = $2 }
+            END { line = ""; for (k in e) line = line " " k "=" e[k];
+                  printf "[quality]   gateway :%s errors:%s; work view age %s s\n", port, (line == "" ? " none" : line), (age == "" ? "?" : age) }' >&2
+    done
+}
+
+# decisions_report GATEWAY_PORT...: this crate's placement decisions by reason, summed over the
+# gateways (how often sessions stayed home, spilled or failed over).
+decisions_report() {
+    local p
+    for p in "$@"; do curl -s -m 5 "http://127.0.0.1:$p/metrics"; done | awk '
+        /^replica_router_affinity_decisions_total/ {
+            r = $0; sub(/.*reason="/, "", r); sub(/".*/, "", r); n[r] += $NF }
+        END { line = ""; for (k in n) line = line " " k "=" n[k];
+              if (line != "") printf "[quality]   decisions:%s\n", line }' >&2
+}
 
 run_one() { # run_one TARGET VARIANT ROUND
     local target="$1" variant="$2" round="$3"
@@ -230,12 +280,34 @@ run_one() { # run_one TARGET VARIANT ROUND
     fi
     [ "$variant" = nosession ] && extra+=(--no-session)
     local out="$TMP/run-$target-$variant-$round.json"
+    local outage_pid="" restarted="$TMP/redis-restarted-$target-$variant-$round.pgid"
+    if [ -n "$OUTAGE_AT" ] && [ -n "$redis_pg" ]; then
+        # Kill Redis mid-replay, then start an empty one on the same port (its group id goes to a
+        # file: this subshell's PGIDS is its own copy).
+        (
+            sleep "$OUTAGE_AT"
+            kill -KILL -- "-$redis_pg" 2>/dev/null || true
+            echo "[quality]   redis killed at ${OUTAGE_AT} s" >&2
+            sleep "$OUTAGE_FOR"
+            setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+                >"$TMP/redis-restarted-$target-$variant-$round.log" 2>&1 </dev/null &
+            echo "$!" >"$restarted"
+            echo "[quality]   redis back at $((OUTAGE_AT + OUTAGE_FOR)) s (empty)" >&2
+        ) &
+        outage_pid="$!"
+    fi
     if ! timeout "$RUN_LIMIT" "$REPLAY" "${gw_urls[@]}" --trace "$TRACE" --speed "$SPEED" \
         --model "$MODEL" --timeout 60 "${metrics[@]}" "${extra[@]}" --label "$target" --quiet --out "$out" \
         >"$TMP/replay-$target-$variant-$round.log" 2>&1; then
         log "replay through $target failed:"; tail -n 5 "$TMP/replay-$target-$variant-$round.log" >&2
         rm -f "$out"
     fi
+    if [ -n "$outage_pid" ]; then
+        kill "$outage_pid" 2>/dev/null || true; wait "$outage_pid" 2>/dev/null || true
+        outage_report "$redis_port" "$restarted" "${ports[@]:$REPLICAS:$GATEWAYS}"
+        [ -f "$restarted" ] && { stop "$(cat "$restarted")"; rm -f "$restarted"; }
+    fi
+    [[ "$target" == gw-* ]] && decisions_report "${ports[@]:$REPLICAS:$GATEWAYS}"
     for g in "${router_pgs[@]}"; do stop "$g"; done
     [ -n "$redis_pg" ] && stop "$redis_pg"
     stop "$mock_pg"
@@ -271,6 +343,8 @@ LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo), $(uname -sr); load average $LOAD_BEFORE before, $LOAD_AFTER after"
     echo "Trace: $(basename "$TRACE") ($NREQ requests, ${SPAN_S} s at --speed $SPEED); $REPLICAS mock replicas, --time-scale $TIME_SCALE, $GATEWAYS router(s) of each kind (requests spread over them in turn), fresh replicas and routers for every run"
     echo "Routers: sglang-router $(peer_version sglang-router), vllm-router $(peer_version vllm-router), this crate's gateway at $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    [ -n "$GW_FLAGS" ] && echo "Gateway flags added: $GW_FLAGS"
+    [ -n "$OUTAGE" ] && echo "Redis outage: killed ${OUTAGE_AT} s into each gateway replay, an empty one back ${OUTAGE_FOR} s later"
     echo "Medians of $RUNS round(s); ratios are per round against the best peer (sglang-*/vllm-*) of the same round and variant, then the median"
     echo
     python3 - "$TMP" "${TARGETS[*]}" "${VARS[*]}" <<'EOF'
