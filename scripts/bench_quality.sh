@@ -218,27 +218,35 @@ NREQ="$(grep -c . "$TRACE")"
 log "trace $TRACE: $NREQ requests over ${SPAN_S} s at --speed $SPEED; $REPLICAS replicas at --time-scale $TIME_SCALE; $GATEWAYS router(s) of each kind"
 log "targets ${TARGETS[*]}; variants ${VARS[*]}; $RUNS round(s): about $(( (SPAN_S + 8) * ${#TARGETS[@]} * ${#VARS[@]} * RUNS / 60 + 1 )) min"
 
-# outage_report REDIS_PORT PGID_FILE GATEWAY_PORT...: after a --redis-outage run, what the
+# redis_cmd PORT: the redis-server this script runs (no persistence: a restart comes back empty).
+redis_cmd() { REDIS_CMD=(redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no); }
+
+# scrape_gateways NAME GATEWAY_PORT...: each gateway's /metrics, once, into $TMP/NAME-PORT.prom.
+scrape_gateways() {
+    local name="$1" p; shift
+    for p in "$@"; do curl -s -m 5 "http://127.0.0.1:$p/metrics" >"$TMP/$name-$p.prom" || true; done
+}
+
+# outage_report REDIS_PORT PGID_FILE METRICS_FILE...: after a --redis-outage run, what the
 # gateways counted (store errors on each shared path) and whether they use the new server.
 outage_report() {
-    local rport="$1" restarted="$2" p keys; shift 2
+    local rport="$1" restarted="$2" f keys; shift 2
     [ -f "$restarted" ] || { log "  redis was not restarted (replay ended first)"; return 0; }
     keys="$(redis-cli -p "$rport" dbsize 2>/dev/null || echo '?')"
     log "  after the outage: the new redis-server holds $keys keys (written by the gateways since)"
-    for p in "$@"; do
-        curl -s -m 5 "http://127.0.0.1:$p/metrics" | awk -v port="$p" '
+    for f in "$@"; do
+        awk -v gw="$(basename "$f" .prom)" '
             /^replica_router_(affinity_pin_errors|work_view_errors|prefix_share_errors|store_errors)_total/ { k = $1; sub(/[{].*/, "", k); sub(/^replica_router_/, "", k); e[k] += $NF }
-            /^replica_router_work_view_age_seconds/ { age = $2 }
+            /^replica_router_work_view_age_seconds/ { age = $NF }
             END { line = ""; for (k in e) line = line " " k "=" e[k];
-                  printf "[quality]   gateway :%s errors:%s; work view age %s s\n", port, (line == "" ? " none" : line), (age == "" ? "?" : age) }' >&2
+                  printf "[quality]   %s errors:%s; work view age %s s\n", gw, (line == "" ? " none" : line), (age == "" ? "?" : age) }' "$f" >&2
     done
 }
 
-# decisions_report GATEWAY_PORT...: this crate's placement decisions by reason, summed over the
+# decisions_report METRICS_FILE...: this crate's placement decisions by reason, summed over the
 # gateways (how often sessions stayed home, spilled or failed over).
 decisions_report() {
-    local p
-    for p in "$@"; do curl -s -m 5 "http://127.0.0.1:$p/metrics"; done | awk '
+    cat "$@" | awk '
         /^replica_router_affinity_decisions_total/ {
             r = $0; sub(/.*reason="/, "", r); sub(/".*/, "", r); n[r] += $NF }
         END { line = ""; for (k in n) line = line " " k "=" n[k];
@@ -259,8 +267,8 @@ run_one() { # run_one TARGET VARIANT ROUND
     done
     if [ "$GATEWAYS" -gt 1 ] && [[ "$target" == gw-* ]]; then
         local redis_port="${ports[$((REPLICAS + GATEWAYS))]}"
-        start "redis-$target-$variant-$round" redis-server --port "$redis_port" --bind 127.0.0.1 \
-            --save "" --appendonly no
+        redis_cmd "$redis_port"
+        start "redis-$target-$variant-$round" "${REDIS_CMD[@]}"
         redis_pg="$STARTED"
         for i in $(seq 1 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
         store="redis://127.0.0.1:$redis_port"
@@ -289,8 +297,8 @@ run_one() { # run_one TARGET VARIANT ROUND
             kill -KILL -- "-$redis_pg" 2>/dev/null || true
             echo "[quality]   redis killed at ${OUTAGE_AT} s" >&2
             sleep "$OUTAGE_FOR"
-            setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-                >"$TMP/redis-restarted-$target-$variant-$round.log" 2>&1 </dev/null &
+            setsid "${REDIS_CMD[@]}" >"$TMP/redis-restarted-$target-$variant-$round.log" 2>&1 \
+                </dev/null &
             echo "$!" >"$restarted"
             echo "[quality]   redis back at $((OUTAGE_AT + OUTAGE_FOR)) s (empty)" >&2
         ) &
@@ -302,12 +310,17 @@ run_one() { # run_one TARGET VARIANT ROUND
         log "replay through $target failed:"; tail -n 5 "$TMP/replay-$target-$variant-$round.log" >&2
         rm -f "$out"
     fi
+    local proms=() p
+    if [[ "$target" == gw-* ]]; then
+        scrape_gateways "gateway-$variant-$round" "${ports[@]:$REPLICAS:$GATEWAYS}"
+        for p in "${ports[@]:$REPLICAS:$GATEWAYS}"; do proms+=("$TMP/gateway-$variant-$round-$p.prom"); done
+    fi
     if [ -n "$outage_pid" ]; then
         kill "$outage_pid" 2>/dev/null || true; wait "$outage_pid" 2>/dev/null || true
-        outage_report "$redis_port" "$restarted" "${ports[@]:$REPLICAS:$GATEWAYS}"
+        outage_report "$redis_port" "$restarted" "${proms[@]}"
         [ -f "$restarted" ] && { stop "$(cat "$restarted")"; rm -f "$restarted"; }
     fi
-    [[ "$target" == gw-* ]] && decisions_report "${ports[@]:$REPLICAS:$GATEWAYS}"
+    [ ${#proms[@]} -gt 0 ] && decisions_report "${proms[@]}"
     for g in "${router_pgs[@]}"; do stop "$g"; done
     [ -n "$redis_pg" ] && stop "$redis_pg"
     stop "$mock_pg"
