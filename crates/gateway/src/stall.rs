@@ -41,9 +41,7 @@ impl<T> WriteTimeout<T> {
             armed: false,
         }
     }
-}
 
-impl<T> WriteTimeout<T> {
     /// Runs one write-side poll of the inner I/O: progress stops the clock; waiting starts it
     /// (on the first pending poll) and, once it has run out, fails the write.
     fn bounded<R>(
