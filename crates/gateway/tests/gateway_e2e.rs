@@ -1,5 +1,7 @@
 //! End to end over real HTTP on loopback: client -> gateway -> HTTP mock replicas.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use replica_router_gateway::{Gateway, GatewayConfig};
 use replica_router_mock::{MockConfig, MockEngine, MockServer};
 use serde_json::Value;
+use support::total_in_flight;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -80,15 +83,6 @@ async fn body_json(resp: http::Response<hyper::body::Incoming>) -> Value {
     let b = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&b)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&b)))
-}
-
-fn total_in_flight(gw: &Gateway) -> u64 {
-    gw.pool()
-        .snapshot()
-        .replicas()
-        .iter()
-        .map(|r| r.state().in_flight())
-        .sum()
 }
 
 #[tokio::test]

@@ -2,11 +2,14 @@
 //! many connections), a hung replica (a child process stopped with SIGSTOP), and request-line
 //! checks. Every test is bounded in connections and in time.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use replica_router_gateway::{Gateway, GatewayConfig};
 use replica_router_mock::{MockConfig, MockEngine, MockServer};
+use support::total_in_flight;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -73,16 +76,6 @@ async fn status_of(addr: SocketAddr, method: &str, path: &str, body: &str) -> u1
     );
     let (text, _) = exchange(addr, raw.as_bytes(), Duration::from_secs(5)).await;
     parse_status(&text)
-}
-
-/// Requests in flight on all of `gw`'s replicas.
-fn total_in_flight(gw: &Gateway) -> u64 {
-    gw.pool()
-        .snapshot()
-        .replicas()
-        .iter()
-        .map(|r| r.state().in_flight())
-        .sum()
 }
 
 fn parse_status(text: &str) -> u16 {
